@@ -259,6 +259,19 @@ class AFTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["AFTBlock"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except Exception as error:
+            # safetensors' own message names no file; matched by name since remote code may not import safetensors.
+            if type(error).__name__ != "SafetensorError":
+                raise
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"could not read the weights of {where}: model.safetensors is truncated or corrupted ({error})"
+            ) from error
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, AFTPositionBias):
@@ -407,7 +420,12 @@ class AFTModel(AFTPreTrainedModel):
         else:
             history_mask = key_mask = None
             history_positions = torch.arange(seen + length, device=tokens.device).expand(batch, -1)
-        positions = history_positions[:, -length:] if position_ids is None else position_ids
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+                _fail("position_ids.shape", tuple(position_ids.shape), f"expected ({batch}, {length})")
+            if int(position_ids.min()) < 0:
+                _fail("position_ids", int(position_ids.min()), "positions must be >= 0")
+        positions = history_positions[:, -length:] if position_ids is None else position_ids.expand(batch, -1)
         if config.needs_positions and int(positions.max()) >= config.max_position_embeddings:
             _fail("sequence length", int(positions.max()) + 1,
                   f"exceeds max_position_embeddings={config.max_position_embeddings} of this model's learned "
@@ -432,7 +450,7 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
     def __init__(self, config: AFTConfig):
         super().__init__(config)
         if config.is_image_model:
-            raise ValueError("AFTForCausalLM needs a token model: config.image_size must be None")
+            _fail("config.image_size", config.image_size, "AFTForCausalLM needs a token model (image_size=None)")
         self.model = AFTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -498,7 +516,7 @@ class AFTForImageClassification(AFTPreTrainedModel):
     def __init__(self, config: AFTConfig):
         super().__init__(config)
         if not config.is_image_model:
-            raise ValueError("AFTForImageClassification needs config.image_size")
+            _fail("config.image_size", config.image_size, "AFTForImageClassification needs an image size")
         self.num_labels = config.num_labels
         self.model = AFTModel(config)
         # The paper's AFT-conv drops the class token: the head reads the mean over patches.
