@@ -24,8 +24,9 @@ How the numbers stay finite (see shared/design/aft-numerics.md):
 
 Complexity: aft_full is O(T^2 D) time, O(TD + T^2) memory and never builds (B, T, T, D); the others are
 O(T s D) / O(T D) time and O(T D) memory: prefix/suffix sums plus a band, computed chunk-wise with
-small matrix products (torch.cumsum is a slow strided loop on CPU; a C x C triangular matmul is not). Causal simple/local/conv1d and aft_full
-have hand-written backward passes that recompute per segment / block instead of storing activations.
+small matrix products (torch.cumsum is a slow strided loop on CPU; a C x C triangular matmul is not).
+Causal simple/local/conv1d and aft_full have hand-written backward passes that recompute per segment /
+block instead of storing activations.
 
 Only stdlib and torch are imported: this folder is copied next to checkpoints (trust_remote_code).
 """
@@ -39,7 +40,10 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d"]
 
 # Tunables, read at call time (tests lower them to exercise the multi-segment / multi-block paths).
-SEGMENT_SIZE = 512         # rows per segment of the causal scans (a multiple of CHUNK_SIZE)
+SEGMENT_SIZE = 512         # at most this many rows per segment of the causal scans; fewer are used so
+SEGMENT_ELEMENTS = 1 << 16  # that one segment's X buffer holds about this many numbers (working set
+                            # ~1 MiB: cache-resident, and peak memory stays near that of SDPA), but at
+                            # least 8 band widths (the band's halo is recomputed in every segment)
 CHUNK_SIZE = 16            # rows per chunk: prefix and band sums inside a segment are (chunk x window) matmuls
 FULL_BLOCK_SIZE = 512      # row / key block of aft_full
 EXACT_DEN_THRESHOLD = 1e-20   # den (under the shift) below this: the row lost terms to underflow -> exact
@@ -60,7 +64,7 @@ def _up(x, dtype):
 
 def _safe_shift(m):
     """A max over nothing is -inf; any finite shift works there (all its terms are exactly 0)."""
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.nan_to_num(m, neginf=0.0)
 
 
 def _masked_keys(k, key_mask):
@@ -133,7 +137,7 @@ def _no_autocast(device_type):
 
 
 def _exact_rows(q, k, v, valid, rows_b, rows_i, rows_pos, bias_rows, groups, causal):
-    """Exact Y for the rows (rows_b[n], rows_i[n]) whose fast-path den underflowed or cancelled.
+    """Exact Y for the rows (rows_b[n], rows_i[n]) whose fast-path den underflowed.
 
     bias_rows(pos, Tk) -> (n, G, Tk) dense bias of those rows against keys [0, Tk), 0 outside a band.
     Memory is bounded by EXACT_ROWS_BUDGET; under autograd each chunk is checkpointed so its
@@ -145,6 +149,8 @@ def _exact_rows(q, k, v, valid, rows_b, rows_i, rows_pos, bias_rows, groups, cau
     order = torch.argsort(rows_pos)  # causal rows sorted by position need only keys [0, pos]
     rows_b, rows_i, rows_pos = rows_b[order], rows_i[order], rows_pos[order]
     n_all = rows_b.numel()
+    if n_all == 0:
+        return q.new_zeros(0, D)
     step = max(1, EXACT_ROWS_BUDGET // max(1, Lk * D))
 
     def rows_fn(qr, kr, vr, w, ok):
@@ -177,13 +183,19 @@ def _exact_rows(q, k, v, valid, rows_b, rows_i, rows_pos, bias_rows, groups, cau
     return y[torch.argsort(order)]
 
 
-def _fix_flagged(y, flags, q, k, v, valid, bias_rows, groups, causal, offset=0):
-    """Replace the flagged rows of the fast result y (B, Lq, D) by their exact values."""
+def _fix_flagged(y, flags, has_vis, q, k, v, valid, bias_rows, groups, causal, offset=0):
+    """Replace the flagged rows of the fast result y (B, Lq, D): exact values where the row sees a key,
+    0 where it sees none (the fast path may leave 0/0 there)."""
     if not bool(flags.any()):
         return y
-    rows_b, rows_i = flags.nonzero(as_tuple=True)
-    exact = _exact_rows(q, k, v, valid, rows_b, rows_i, rows_i + offset, bias_rows, groups, causal)
-    return y.index_put((rows_b, rows_i), exact.to(y.dtype))
+    redo, empty = flags & has_vis, flags & ~has_vis
+    rows_b, rows_i = redo.nonzero(as_tuple=True)
+    vals = [_exact_rows(q, k, v, valid, rows_b, rows_i, rows_i + offset, bias_rows, groups, causal).to(y.dtype)]
+    if bool(empty.any()):
+        eb, ei = empty.nonzero(as_tuple=True)
+        rows_b, rows_i = torch.cat([rows_b, eb]), torch.cat([rows_i, ei])
+        vals.append(y.new_zeros(eb.numel(), y.shape[-1]))
+    return y.index_put((rows_b, rows_i), torch.cat(vals))
 
 
 def _causal_bias(w, pos, Tk):
@@ -197,8 +209,9 @@ def _causal_bias(w, pos, Tk):
 # banded corrections as (chunk x window) matmuls
 
 
-def _build_X(kg, vg, shift, k0, k1):
-    """X (B, G, k1-k0, Dv+Dkg) = [P*V, P] with P = exp(K - shift) for keys [k0, k1); zero rows outside [0, T).
+def _build_X(kg, vg, shift, k0, k1, extra=0):
+    """X (B, G, k1-k0+extra, Dv+Dkg) = [P*V, P] with P = exp(K - shift) for keys [k0, k1); zero rows
+    for keys outside [0, T) and for the `extra` rows at the end (room for the band's block matmuls).
 
     kg (B, T, G, Dkg) (masked keys are -inf), vg (B, T, G, Dv), shift (B, G, Dkg).
     """
@@ -209,9 +222,9 @@ def _build_X(kg, vg, shift, k0, k1):
     if torch.is_grad_enabled():  # differentiable version (the non-causal path runs under autograd)
         P = torch.exp(kg[:, lo:hi] - shift)  # (B, n, G, Dkg)
         X = torch.cat([P * vg[:, lo:hi], P], -1).transpose(1, 2)  # (B, G, n, Fg)
-        return F.pad(X, (0, 0, lo - k0, k1 - hi)).contiguous()
+        return F.pad(X, (0, 0, lo - k0, k1 - hi + extra)).contiguous()
     # inside the custom Functions: write straight into one buffer, no temporaries
-    X = kg.new_empty(B, G, k1 - k0, Dv + Dkg)
+    X = kg.new_empty(B, G, k1 - k0 + extra, Dv + Dkg)
     X[:, :, :lo - k0].zero_()
     X[:, :, hi - k0:].zero_()
     P = X[:, :, lo - k0:hi - k0, Dv:]
@@ -232,10 +245,11 @@ def _chunk_scan(X, C, reverse=False, init=None):
     tri = tri.triu() if reverse else tri.tril()
     S = torch.matmul(tri, X.view(B, G, n, C, Fc))  # (B, G, n, C, F)
     offset = init
-    if n > 1:
-        tot = S[:, :, :, 0] if reverse else S[:, :, :, -1]  # (B, G, n, F) chunk totals
-        excl = tot.flip(2).cumsum(2).flip(2) - tot if reverse else tot.cumsum(2) - tot
-        offset = excl if init is None else excl + init
+    if n > 1:  # the chunk totals, scanned exclusively (again a small triangular matmul)
+        tot = S[:, :, :, 0] if reverse else S[:, :, :, -1]  # (B, G, n, F)
+        ones = torch.ones(n, n, dtype=X.dtype, device=X.device)
+        excl = torch.matmul(ones.triu(1) if reverse else ones.tril(-1), tot)
+        offset = excl if init is None else excl.add_(init)
     if offset is not None:
         S.add_(offset.view(B, G, -1, 1, Fc))  # fine under autograd too: matmul keeps its inputs, not S
     return S.view(B, G, Tp, Fc)
@@ -270,36 +284,64 @@ def _rows_of(x, row0, n):
     return F.pad(r, (0, 0) * (x.dim() - 2) + (0, n - r.shape[1])) if r.shape[1] < n else r
 
 
-def _windows(Xw, C, L):
-    """Overlapping windows (B, G, n, L, F) of Xw (B, G, (n-1)*C + L, F), stride C, as a view."""
-    return Xw.unfold(2, L, C).transpose(-1, -2)
-
-
-def _band_apply(M, Xw, C):
-    """Y (B, G, n*C, F): row i of chunk c gets sum_l M[c, i, l] * Xw[c*C + l]."""
+def _pieces(M, C):
+    """Split (..., C, L) band matrices into ceil(L / C) blocks (..., C, C); block p multiplies the
+    chunk p positions further along the window."""
     L = M.shape[-1]
-    Y = torch.matmul(M, _windows(Xw, C, L))  # (B, G, n, C, F)
-    return Y.flatten(2, 3)
+    P = -(-L // C)
+    M = F.pad(M, (0, P * C - L))
+    return [M[..., p * C:(p + 1) * C] for p in range(P)]
 
 
-def _band_apply_t(M, dY, C):
-    """Adjoint of _band_apply: dXw ((n-1)*C + L rows) from dY (B, G, n*C, F), by overlap-add."""
-    B, G, Tp, Fc = dY.shape
-    n, L = Tp // C, M.shape[-1]
-    dwin = torch.matmul(M.transpose(-1, -2), dY.view(B, G, n, C, Fc))  # (B, G, n, L, F)
-    pieces = -(-L // C)
-    dwin = F.pad(dwin, (0, 0, 0, pieces * C - L))
-    dXw = dY.new_zeros(B, G, (n + pieces - 1) * C, Fc)
-    for p in range(pieces):  # window piece p of chunk c lands on chunk c + p
-        dXw[:, :, p * C:(p + n) * C] += dwin[:, :, :, p * C:(p + 1) * C].reshape(B, G, n * C, Fc)
-    return dXw[:, :, :(n - 1) * C + L]
+def _chunks(X, C, n):
+    """The first n chunks of X (B, G, >= n*C, F) as a (B, G, n, C, F) view."""
+    return X[:, :, :n * C].unflatten(2, (n, C))
+
+
+def _mm_acc(out, A, X):
+    """out (B, G, n, C, F) += A (G, n|1, C, C) @ X (B, G, n, C, F), in place.
+
+    With a single (batch, group) the chunk views are plain strided batches: baddbmm_ straight into the
+    destination, no window copies. Otherwise torch.matmul folds the batch dims (one copy).
+    """
+    B, G, n = out.shape[:3]
+    if B * G == 1:
+        out[0, 0].baddbmm_(A[0].expand(n, -1, -1), X[0, 0])
+    else:
+        out += torch.matmul(A, X)
+    return out
+
+
+def _band_apply(M, Xw, C, out):
+    """out (B, G, n*C, F) += band part: row i of chunk c gets sum_l M[c, i, l] * Xw[c*C + l].
+
+    Done as ceil(L / C) chunk-aligned block matmuls instead of materializing overlapping windows;
+    Xw needs (n + ceil(L / C) - 1) * C rows (extra rows meet zero columns).
+    """
+    n = out.shape[2] // C
+    oc = out.unflatten(2, (n, C))
+    for p, Mp in enumerate(_pieces(M, C)):
+        _mm_acc(oc, Mp, _chunks(Xw[:, :, p * C:], C, n))
+    return out
+
+
+def _band_apply_t(M, dY, C, dXw):
+    """Adjoint of _band_apply: dXw += M^T applied to dY (B, G, n*C, F), block by block."""
+    n = dY.shape[2] // C
+    dYc = dY.unflatten(2, (n, C))
+    for p, Mp in enumerate(_pieces(M, C)):
+        _mm_acc(_chunks(dXw[:, :, p * C:], C, n), Mp.transpose(-1, -2), dYc)
+    return dXw
 
 
 def _band_grad(dY, Xw, C, nb, toeplitz):
-    """d(loss)/d(beta rows) from dY (B, G, n*C, F) and the windows of Xw: (G, n*C, nb) or (G, 1, nb)."""
+    """d(loss)/d(beta rows) from dY (B, G, n*C, F) and Xw: (G, n*C, nb), or (G, 1, nb) for a convolution."""
     B, G, Tp, Fc = dY.shape
     n, L = Tp // C, C + nb - 1
-    dM = torch.matmul(dY.view(B, G, n, C, Fc), _windows(Xw, C, L).transpose(-1, -2)).sum(0)  # (G, n, C, L)
+    dYc = dY.unflatten(2, (n, C))
+    P = -(-L // C)
+    dM = torch.cat([torch.matmul(dYc, _chunks(Xw[:, :, p * C:], C, n).transpose(-1, -2)).sum(0)
+                    for p in range(P)], -1)  # (G, n, C, P*C): d loss / d M
     db = dM.gather(-1, _band_cols(C, nb, dY.device).expand(G, n, C, nb))  # (G, n, C, nb)
     return db.sum((1, 2)).unsqueeze(1) if toeplitz else db.reshape(G, Tp, nb)
 
@@ -333,88 +375,102 @@ def _segments(T, seg):
     return [(a, min(T, a + seg)) for a in range(0, T, seg)]
 
 
-def _frame_factor(R_prev, R_cur, Dv):
-    """exp(R_prev - R_cur) per X channel (B, G, 1, Fg): moves sums from one shift to the next (<= 1)."""
-    f = torch.where(torch.isfinite(R_prev), torch.exp(R_prev - _safe_shift(R_cur)), torch.zeros_like(R_prev))
+def _frame_factor(prev, cur, Dv):
+    """exp(prev - cur) per X channel (B, G, 1, Fg), <= 1: moves the carried sums from one segment's
+    shift (B, G, Dkg) to the next one's. A -inf prev means nothing was carried yet: factor 0."""
+    f = torch.exp(prev - _safe_shift(cur))  # prev = -inf gives 0 (cur >= prev, finite once prev is)
     return _to_fg(f, Dv).unsqueeze(2)
 
 
-def _segment_shifts(kg, seg):
-    """Running max of K over segments (B, nseg, G, Dkg): the shift of segment s sees keys < end of s."""
-    B, T = kg.shape[:2]
-    nseg = -(-T // seg)
-    kp = F.pad(kg, (0, 0, 0, 0, 0, nseg * seg - T), value=-math.inf) if nseg * seg > T else kg
-    return kp.reshape(B, nseg, seg, *kg.shape[2:]).amax(2).cummax(1).values
-
-
-def _scan_segment(kg, vg, beta, alpha, R, carry, a, b, nb, C):
-    """Recomputable forward of segment [a, b) under the shift R (B, G, Dkg); no autograd.
+def _scan_segment(kg, vg, beta, alpha, M, shift, carry, a, b, nb, C):
+    """Recomputable forward of segment [a, b) under the shift (B, G, Dkg); no autograd.
 
     Returns Xw (B, G, H + Tp, Fg) = X of keys [a - H, a + Tp), the carry for the next segment
     (sum of X over keys < b - H), the total S (B, G, Tp, Fg) and the band matrices M.
     Tp = (b - a) rounded up to chunks; rows and keys outside [0, T) are zeros.
     """
     Tp, H = _round_up(b - a, C), _round_up(nb, C)
-    Xw = _build_X(kg, vg, _safe_shift(R), a - H, a + Tp)
+    Xw = _build_X(kg, vg, shift, a - H, a + Tp, extra=C if nb else 0)  # keys past a + Tp: zeros
     Sw = _chunk_scan(Xw, C, init=carry)  # Sw[u] = sum of X over keys <= a - H + u
     carry_next = Sw[:, :, b - a - 1:b - a].clone()
     S = Sw[:, :, H - nb:H - nb + Tp]  # keys <= t - nb: outside row t's band
     if beta is None:
         return Xw, carry_next, S, None
     S.mul_(_rows_of(alpha, a, Tp).unsqueeze(-1))
-    M = _band_matrices(beta, a, Tp // C, C)
-    return Xw, carry_next, S.add_(_band_apply(M, Xw[:, :, H - nb + 1:], C)), M
+    if M is None:  # (a convolution's matrices are built once and shared by all segments)
+        M = _band_matrices(beta, a, Tp // C, C)
+    return Xw, carry_next, _band_apply(M, Xw[:, :, H - nb + 1:], C, S), M
 
 
-def _read_out(S, Ts, Dv):
+def _read_out(S, Ts, Dv, clamp):
     """num / den of the first Ts rows of S (B, G, Tp, Fg), in place; and the per-row min of den.
 
-    den == 0 only when every term is 0 (all weights are >= 0), so num is 0 too and the clamp gives 0.
+    Without clamp a row with den == 0 gives 0/0: it is flagged (den_min < EXACT_DEN_THRESHOLD) and
+    replaced afterwards, so the forward saves that pass. The backward clamps (no 0/0 in gradients).
     """
     num, den = S[:, :, :Ts, :Dv], S[:, :, :Ts, Dv:]
     den_min = den.amin(-1).amin(1)  # (B, Ts)
-    den.clamp_min_(torch.finfo(S.dtype).tiny)
+    if clamp:
+        den.clamp_min_(torch.finfo(S.dtype).tiny)
     return num.div_(den), den, den_min
 
 
 class _CausalScan(torch.autograd.Function):
     """Causal prefix + band (see above). Forward and backward walk the segments keeping only a
-    (B, G, 1, Fg) carry per segment: memory is O(T D) (inputs, output, grads) plus one segment."""
+    (B, G, 1, Fg) carry per segment: memory is O(T D) (inputs, output, grads) plus one segment.
+
+    With per-row band weights (aft_local, whose dense (T, T) bias gradient dwarfs two (T, D) tensors)
+    the forward also keeps Z = num / den and den, and the backward skips re-running scan and band.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, alpha, groups, nb, seg, C):
+    def forward(ctx, q, k, v, beta, alpha, groups, nb, seg, C, keep):
         B, T, D = q.shape
         G, Dk = groups, k.shape[-1]
         Dv, Dkg = D // G, Dk // G
         kg, vg = k.view(B, T, G, Dkg), v.view(B, T, G, Dv)
-        R = _segment_shifts(kg, seg)  # (B, nseg, G, Dkg)
+        M = _band_matrices(beta, 0, 1, C) if beta is not None and beta.shape[1] == 1 else None
         out = torch.empty_like(q)
         flags = torch.empty(B, T, dtype=torch.bool, device=q.device)
-        carries = []
+        segs = _segments(T, seg)
+        # a backward needs, besides the inputs, each segment's shift and entering carry (keep: one will run)
+        shifts, carries = [], (q.new_empty(B, len(segs), G, 1, Dv + Dkg) if keep else None)
+        readout = keep and beta is not None and beta.shape[1] > 1
+        Zs, dens = (q.new_empty(B, G, T, Dv), q.new_empty(B, G, T, Dkg)) if readout else (None, None)
         carry = q.new_zeros(B, G, 1, Dv + Dkg)
-        for s, (a, b) in enumerate(_segments(T, seg)):
+        for s, (a, b) in enumerate(segs):
+            R = kg[:, a:b].amax(1)  # the shift: running max of K up to the end of this segment
             if s:
-                carry = carry_next.mul_(_frame_factor(R[:, s - 1], R[:, s], Dv))
-            carries.append(carry)
-            Xw, carry_next, S, _ = _scan_segment(kg, vg, beta, alpha, R[:, s], carry, a, b, nb, C)
-            Z, _, den_min = _read_out(S, b - a, Dv)  # (B, G, Ts, Dv)
+                R = torch.maximum(R, R_prev)
+                carry = carry_next.mul_(_frame_factor(R_prev, R, Dv))
+            if keep:
+                carries[:, s] = carry
+                shifts.append(R)
+            R_prev, S = R, None  # (free the previous segment's buffers before making the next ones)
+            _, carry_next, S, _ = _scan_segment(kg, vg, beta, alpha, M, _safe_shift(R), carry, a, b, nb, C)
+            if readout:
+                dens[:, :, a:b] = S[:, :, :b - a, Dv:]
+            Z, _, den_min = _read_out(S, b - a, Dv, clamp=False)  # (B, G, Ts, Dv)
+            if readout:
+                Zs[:, :, a:b] = Z
             torch.lt(den_min, EXACT_DEN_THRESHOLD, out=flags[:, a:b])
             o = out[:, a:b]
             torch.sigmoid(q[:, a:b], out=o).mul_(Z.transpose(1, 2).reshape(B, b - a, D))
-        ctx.save_for_backward(q, k, v, beta, alpha, R, torch.stack(carries, 1))
+        ctx.save_for_backward(q, k, v, beta, alpha, torch.stack(shifts, 1) if keep else None, carries, Zs, dens)
         ctx.cfg = (groups, nb, seg, C)
         ctx.mark_non_differentiable(flags)
         return out, flags
 
     @staticmethod
     def backward(ctx, gout, _gflags):
-        q, k, v, beta, alpha, R, carries = ctx.saved_tensors
+        q, k, v, beta, alpha, R, carries, Zs, dens = ctx.saved_tensors
         G, nb, seg, C = ctx.cfg
         B, T, D = q.shape
         Dk = k.shape[-1]
         Dv, Dkg = D // G, Dk // G
         H = _round_up(nb, C)
         kg, vg = k.view(B, T, G, Dkg), v.view(B, T, G, Dv)
+        M = _band_matrices(beta, 0, 1, C) if beta is not None and beta.shape[1] == 1 else None
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dbeta = torch.zeros_like(beta) if beta is not None and ctx.needs_input_grad[3] else None
@@ -423,14 +479,21 @@ class _CausalScan(torch.autograd.Function):
         for s in reversed(range(len(segs))):
             a, b = segs[s]
             Ts = b - a
-            Xw, _, S, M = _scan_segment(kg, vg, beta, alpha, R[:, s], carries[:, s], a, b, nb, C)
-            Tp = S.shape[2]
-            Z, den, _ = _read_out(S, Ts, Dv)  # den clamped: flagged / empty rows get no gradient anyway
+            Xw = S = dS = dSw = dX = None  # free the previous segment's buffers first
+            Tp, shift = _round_up(Ts, C), _safe_shift(R[:, s])
+            if Zs is None:  # recompute the forward of this segment
+                Xw, _, S, Ms = _scan_segment(kg, vg, beta, alpha, M, shift, carries[:, s], a, b, nb, C)
+                Z, den, _ = _read_out(S, Ts, Dv, clamp=True)  # flagged / empty rows get no gradient anyway
+            else:  # only X is needed again; 0/0 rows (flagged, replaced outside) get no gradient
+                Xw = _build_X(kg, vg, shift, a - H, a + Tp, extra=C)
+                Ms = _band_matrices(beta, a, Tp // C, C)
+                Z, den = torch.nan_to_num(Zs[:, :, a:b], nan=0.0), dens[:, :, a:b].clamp_min(torch.finfo(q.dtype).tiny)
             sig = torch.sigmoid(q[:, a:b])
             gy = gout[:, a:b]
             dq[:, a:b] = gy * Z.transpose(1, 2).reshape(B, Ts, D) * sig * (1 - sig)
             # d loss / d S = [dZ / den, -sum(dZ * Z) / den] (B, G, Tp, Fg), padded rows 0
-            dS = S.new_zeros(B, G, Tp, Dv + Dkg)
+            dS = Xw.new_empty(B, G, Tp, Dv + Dkg)
+            dS[:, :, Ts:].zero_()
             dZ = dS[:, :, :Ts, :Dv]
             heads = lambda x: x.view(B, Ts, G, Dv).transpose(1, 2)
             torch.mul(heads(gy), heads(sig), out=dZ)
@@ -438,14 +501,19 @@ class _CausalScan(torch.autograd.Function):
             torch.neg(dZZ.sum(-1, keepdim=True) if Dkg == 1 else dZZ, out=dS[:, :, :Ts, Dv:])
             dS[:, :, :Ts].div_(_to_fg(den, Dv))
             # back through S = alpha * Sw[H - nb + i] + band, and the next segment's carry = Sw[Ts - 1]
-            dSw = dS.new_zeros(B, G, H + Tp, Dv + Dkg)
-            dSw[:, :, H - nb:H - nb + Tp] = dS if beta is None else dS * _rows_of(alpha, a, Tp).unsqueeze(-1)
+            dSw = dS.new_empty(B, G, Xw.shape[2], Dv + Dkg)
+            dSw[:, :, :H - nb].zero_()
+            dSw[:, :, H - nb + Tp:].zero_()
+            if beta is None:
+                dSw[:, :, H - nb:H - nb + Tp] = dS
+            else:
+                torch.mul(dS, _rows_of(alpha, a, Tp).unsqueeze(-1), out=dSw[:, :, H - nb:H - nb + Tp])
             if dcarry is not None:
                 dSw[:, :, Ts - 1:Ts] += dcarry.mul_(_frame_factor(R[:, s], R[:, s + 1], Dv))
             dX = _chunk_scan(dSw, C, reverse=True)  # key u feeds every prefix row u' >= u
             dcarry = dX[:, :, :1].clone()  # the carry was added to every row of Sw
             if beta is not None:
-                dX[:, :, H - nb + 1:] += _band_apply_t(M, dS, C)
+                _band_apply_t(Ms, dS, C, dX[:, :, H - nb + 1:])
                 if dbeta is not None:
                     db = _band_grad(dS, Xw[:, :, H - nb + 1:], C, nb, beta.shape[1] == 1)
                     if beta.shape[1] == 1:
@@ -460,13 +528,17 @@ class _CausalScan(torch.autograd.Function):
             dP = dP.add_(VdPV.sum(-1, keepdim=True) if Dkg == 1 else VdPV).mul_(P)
             dk[:, lo:hi] += dP.transpose(1, 2).reshape(B, hi - lo, Dk)
             dv[:, lo:hi] += dPV.mul_(P).transpose(1, 2).reshape(B, hi - lo, D)
-        return dq, dk, dv, dbeta, None, None, None, None, None
+        return dq, dk, dv, dbeta, None, None, None, None, None, None
 
 
 def _causal_scan(q, k, v, beta, alpha, groups, nb):
     C = CHUNK_SIZE
-    seg = max(C, _round_up(SEGMENT_SIZE, C))
-    return _CausalScan.apply(q, k, v, beta, alpha, groups, nb, seg, C)
+    B, T, D = q.shape
+    rows = SEGMENT_ELEMENTS // (B * (D + k.shape[-1]))
+    rows = max(rows, 8 * _round_up(nb, C), 64)  # each segment recomputes its band halo: keep that small
+    seg = max(C, _round_up(min(SEGMENT_SIZE, rows), C))
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta))
+    return _CausalScan.apply(q, k, v, beta, alpha, groups, nb, seg, C, keep)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,11 +560,11 @@ def _global_band(q, k, v, beta, alpha, groups, d_lo, d_hi):
     else:
         C = CHUNK_SIZE
         Tp, Hl, Hr = _round_up(T, C), _round_up(d_hi + 1, C), _round_up(1 - d_lo, C)
-        Xw = _build_X(kg, vg, shift, -Hl, Tp + Hr)  # keys [-Hl, Tp + Hr)
+        Xw = _build_X(kg, vg, shift, -Hl, Tp + Hr, extra=C)  # keys [-Hl, Tp + Hr) and C zero rows
         pre, suf = _chunk_scan(Xw, C), _chunk_scan(Xw, C, reverse=True)
-        outside = pre[:, :, Hl - d_hi - 1:Hl - d_hi - 1 + T] + suf[:, :, Hl - d_lo + 1:Hl - d_lo + 1 + T]
-        band = _band_apply(_band_matrices(beta, 0, Tp // C, C), Xw[:, :, Hl - d_hi:Hl - d_lo + Tp], C)[:, :, :T]
-        S = outside * _rows_of(alpha, 0, T).unsqueeze(-1) + band
+        outside = pre[:, :, Hl - d_hi - 1:Hl - d_hi - 1 + Tp] + suf[:, :, Hl - d_lo + 1:Hl - d_lo + 1 + Tp]
+        S = outside * _rows_of(alpha, 0, Tp).unsqueeze(-1)
+        S = _band_apply(_band_matrices(beta, 0, Tp // C, C), Xw[:, :, Hl - d_hi:], C, S)[:, :, :T]
     num, den = S[..., :Dv], S[..., Dv:]
     y = torch.sigmoid(q) * _safe_div(num, den).expand(B, G, T, Dv).transpose(1, 2).reshape(B, T, D)
     flags = (den.detach() < EXACT_DEN_THRESHOLD).any(-1).any(1).expand(B, T)
@@ -504,124 +576,161 @@ def _global_band(q, k, v, beta, alpha, groups, d_lo, d_hi):
 
 
 def _full_X(kg, vg, shift, j0, j1):
-    """(G, KB, B*2*Dv): [P*V, P] of keys [j0, j1) laid out for a (G, rows, KB) @ (G, KB, .) matmul."""
-    B = kg.shape[0]
-    P = torch.exp(kg[:, j0:j1] - shift)  # (B, KB, G, Dv)
-    X = torch.stack([P * vg[:, j0:j1], P], 3)  # (B, KB, G, 2, Dv)
-    return X.permute(2, 1, 0, 3, 4).reshape(kg.shape[2], j1 - j0, B * 2 * kg.shape[3])
+    """(G, KB, B, 2, Dv): [P*V, P] of keys [j0, j1), laid out for (G, rows, KB) @ (G, KB, B*2*Dv)."""
+    B, _, G, Dv = kg.shape
+    X = kg.new_empty(G, j1 - j0, B, 2, Dv)
+    P = X[:, :, :, 1].permute(2, 1, 0, 3)  # (B, KB, G, Dv) view
+    torch.sub(kg[:, j0:j1], shift, out=P).exp_()
+    torch.mul(P, vg[:, j0:j1], out=X[:, :, :, 0].permute(2, 1, 0, 3))
+    return X
 
 
-def _full_E(w, m, i0, i1, j0, j1, off, causal):
-    """exp(w - m) for rows [i0, i1) and keys [j0, j1); 0 on keys after the row (causal)."""
-    E = torch.exp(w[:, i0:i1, j0:j1] - m.unsqueeze(-1))  # (G, RB, KB)
-    if causal and j1 - 1 > off + i0:
-        future = torch.arange(j0, j1, device=w.device)[None, :] > torch.arange(off + i0, off + i1, device=w.device)[:, None]
-        E = E.masked_fill(future, 0.0)
-    return E
+class _FullBias:
+    """Bias rows of the queries: query i uses row off + i of w (G, T', T'); blocks come out in the
+    compute dtype, exp(w - m) with m the per-row max over the keys the row sees (0 on unseen keys)."""
 
+    def __init__(self, w, off, causal, dtype):
+        self.w, self.off, self.causal, self.dtype = w, off, causal, dtype
 
-def _full_row_max(w, i0, i1, off, causal):
-    """Per-row max of w over the keys the row sees: (G, RB)."""
-    Lk = w.shape[-1]
-    if not causal:
-        return _safe_shift(w[:, i0:i1].amax(-1))
-    e = off + i1
-    wd = w[:, i0:i1, off + i0:e]
-    future = torch.arange(off + i0, e, device=w.device)[None, :] > torch.arange(off + i0, e, device=w.device)[:, None]
-    m = wd.masked_fill(future, -math.inf).amax(-1)
-    if off + i0 > 0:
-        m = torch.maximum(m, w[:, i0:i1, :off + i0].amax(-1))
-    return _safe_shift(m)
+    def rows(self, i0, i1, j0, j1):
+        return self.w[:, self.off + i0:self.off + i1, j0:j1].to(self.dtype)
+
+    def future(self, i0, i1, j0, j1):
+        """(RB, KB) True where key j is after query i (causal), or None when no such pair."""
+        if not self.causal or j1 - 1 <= self.off + i0:
+            return None
+        keys = torch.arange(j0, j1, device=self.w.device)
+        rows = torch.arange(self.off + i0, self.off + i1, device=self.w.device)
+        return keys[None, :] > rows[:, None]
+
+    def row_max(self, i0, i1, e):
+        """(G, RB): max of w over keys [0, e) each row sees."""
+        if not self.causal:
+            return _safe_shift(self.rows(i0, i1, 0, e).amax(-1))
+        d0 = self.off + i0  # keys before d0 are seen by every row of the block
+        diag, fut = self.rows(i0, i1, d0, e), self.future(i0, i1, d0, e)
+        m = (diag if fut is None else diag.masked_fill(fut, -math.inf)).amax(-1)
+        if d0 > 0:
+            m = torch.maximum(m, self.rows(i0, i1, 0, d0).amax(-1))
+        return _safe_shift(m)
+
+    def exp(self, m, i0, i1, j0, j1):
+        E = (self.rows(i0, i1, j0, j1) - m.unsqueeze(-1)).exp_()  # (G, RB, KB)
+        fut = self.future(i0, i1, j0, j1)
+        return E if fut is None else E.masked_fill_(fut, 0.0)
 
 
 def _full_blocks(Lq, Lk, off, causal, FB):
-    """(i0, i1, e, M-update range) per row block: keys [0, e) are visible to some row of the block."""
+    """(i0, i1, e) per row block: keys [0, e) are seen by some row of the block."""
     for i0 in range(0, Lq, FB):
         i1 = min(Lq, i0 + FB)
         yield i0, i1, (off + i1 if causal else Lk)
 
 
+def _full_tiles(i0, i1, j0, j1, off, causal, FB):
+    """(r0, r1, k1) tiles of rows [i0, i1) x keys [j0, j1). A key block that the causal edge crosses is
+    cut into row quarters, each taking keys only up to its last row: most of the masked-out upper
+    triangle is then never multiplied (1/8 of all the work at FB = T / 8 otherwise)."""
+    if not causal or j1 - 1 <= off + i0:
+        return [(i0, i1, j1)]
+    step = max(1, FB // 4)
+    return [(r0, min(i1, r0 + step), min(j1, off + min(i1, r0 + step)))
+            for r0 in range(i0, i1, step) if min(j1, off + min(i1, r0 + step)) > j0]
+
+
 class _FullScan(torch.autograd.Function):
-    """AFT-full fast path. w (G, Lq, Lk) are the bias rows of the queries; query i sits at key position
-    off + i (off = Lk - Lq). Row blocks keep their own K shift (max over the keys they see)."""
+    """AFT-full fast path, blocked over (row block, key block) tiles so no T x T intermediate exists.
+
+    Row blocks take their own K shift (the max over the keys they see, a running max when causal).
+    With a backward ahead, Z = num / den and den are kept (2 x (B, Lq, D)), so the backward needs two
+    matmuls per tile (d/dw and d/dX) rather than three: one E @ X fewer than recomputing.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, w, causal, FB):
+    def forward(ctx, q, k, v, w, off, causal, FB, keep):
         B, Lq, D = q.shape
         Lk = k.shape[1]
         G = w.shape[0]
-        Dv = D // G
-        off = Lk - Lq
+        Dv, N = D // G, B * 2 * (D // G)
         kg, vg = k.view(B, Lk, G, Dv), v.view(B, Lk, G, Dv)
+        bias = _FullBias(w, off, causal, q.dtype)
         out = torch.empty_like(q)
-        flags = torch.zeros(B, Lq, dtype=torch.bool, device=q.device)
+        Z, den = (torch.empty_like(q), torch.empty_like(q)) if keep else (None, None)
+        flags = torch.empty(B, Lq, dtype=torch.bool, device=q.device)
         shifts, shift, seen = [], None, 0
         for i0, i1, e in _full_blocks(Lq, Lk, off, causal, FB):
-            if e > seen:  # the K shift of this block: max over keys [0, e) (running, never shrinks)
+            if e > seen:  # running max of K over the keys seen so far
                 new = kg[:, seen:e].amax(1, keepdim=True)
                 shift = new if shift is None else torch.maximum(shift, new)
                 seen = e
             shifts.append(shift)
-            S, _ = _FullScan._rows(kg, vg, w, _safe_shift(shift), i0, i1, e, off, causal, FB)
-            num, den = S[..., 0, :], S[..., 1, :]  # (G, RB, B, Dv)
-            Z = _safe_div(num, den).permute(2, 1, 0, 3).reshape(B, i1 - i0, D)
-            out[:, i0:i1] = torch.sigmoid(q[:, i0:i1]) * Z
-            flags[:, i0:i1] = (den < EXACT_DEN_THRESHOLD).any(-1).any(0).T
-        ctx.save_for_backward(q, k, v, w, torch.stack(shifts, 0))
-        ctx.cfg = (causal, FB)
+            m = bias.row_max(i0, i1, e)  # (G, RB)
+            S = q.new_zeros(G, i1 - i0, N)
+            for j0 in range(0, e, FB):
+                j1 = min(e, j0 + FB)
+                X = _full_X(kg, vg, _safe_shift(shift), j0, j1).view(G, j1 - j0, N)
+                for r0, r1, k1 in _full_tiles(i0, i1, j0, j1, off, causal, FB):
+                    E = bias.exp(m[:, r0 - i0:r1 - i0], r0, r1, j0, k1)
+                    S[:, r0 - i0:r1 - i0].baddbmm_(E, X[:, :k1 - j0])
+            S = S.view(G, i1 - i0, B, 2, Dv).permute(2, 1, 3, 0, 4).reshape(B, i1 - i0, 2, D)
+            torch.lt(S[:, :, 1].amin(-1), EXACT_DEN_THRESHOLD, out=flags[:, i0:i1])
+            z = torch.div(S[:, :, 0], S[:, :, 1], out=Z[:, i0:i1] if keep else None)  # 0/0 rows: flagged
+            torch.sigmoid(q[:, i0:i1], out=out[:, i0:i1]).mul_(z)
+            if keep:
+                den[:, i0:i1] = S[:, :, 1]
+        ctx.save_for_backward(q, k, v, w, torch.stack(shifts, 0), Z, den)
+        ctx.cfg = (off, causal, FB)
         ctx.mark_non_differentiable(flags)
         return out, flags
 
     @staticmethod
-    def _rows(kg, vg, w, shift, i0, i1, e, off, causal, FB):
-        """S (G, RB, B, 2, Dv) = sum over key blocks of E @ X for rows [i0, i1), and the row max m."""
-        B = kg.shape[0]
-        m = _full_row_max(w, i0, i1, off, causal)
-        S = None
-        for j0 in range(0, e, FB):
-            j1 = min(e, j0 + FB)
-            E = _full_E(w, m, i0, i1, j0, j1, off, causal)
-            X = _full_X(kg, vg, shift, j0, j1)
-            S = torch.bmm(E, X) if S is None else S.baddbmm_(E, X)
-        G, Dv = kg.shape[2], kg.shape[3]
-        return S.view(G, i1 - i0, B, 2, Dv), m
-
-    @staticmethod
     def backward(ctx, gout, _gflags):
-        q, k, v, w, shifts = ctx.saved_tensors
-        causal, FB = ctx.cfg
+        q, k, v, w, shifts, Z, den = ctx.saved_tensors
+        off, causal, FB = ctx.cfg
         B, Lq, D = q.shape
         Lk = k.shape[1]
         G = w.shape[0]
-        Dv = D // G
-        off = Lk - Lq
+        Dv, N = D // G, B * 2 * (D // G)
         kg, vg = k.view(B, Lk, G, Dv), v.view(B, Lk, G, Dv)
+        bias = _FullBias(w, off, causal, q.dtype)
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dw = torch.zeros_like(w) if ctx.needs_input_grad[3] else None
         for r, (i0, i1, e) in enumerate(_full_blocks(Lq, Lk, off, causal, FB)):
-            shift = _safe_shift(shifts[r])
-            S, m = _FullScan._rows(kg, vg, w, shift, i0, i1, e, off, causal, FB)
-            num, den = S[..., 0, :], S[..., 1, :]  # (G, RB, B, Dv)
-            Z = _safe_div(num, den)
             RB = i1 - i0
-            sig = torch.sigmoid(q[:, i0:i1])
-            gy = gout[:, i0:i1]
-            dq[:, i0:i1] = gy * Z.permute(2, 1, 0, 3).reshape(B, RB, D) * sig * (1 - sig)
-            dZ = (gy * sig).view(B, RB, G, Dv).permute(2, 1, 0, 3)  # (G, RB, B, Dv)
-            den_safe = torch.where(den > 0, den, torch.ones_like(den))
-            dS = torch.stack([dZ / den_safe, -dZ * Z / den_safe], 3).reshape(G, RB, B * 2 * Dv)
+            shift = _safe_shift(shifts[r])
+            sig, gy, z = torch.sigmoid(q[:, i0:i1]), gout[:, i0:i1], Z[:, i0:i1]
+            z = torch.where(torch.isnan(z), torch.zeros_like(z), z)  # rows that were 0/0 (no key seen)
+            dq[:, i0:i1] = gy * z * sig * (1 - sig)
+            dnum = gy * sig / den[:, i0:i1].clamp_min(torch.finfo(den.dtype).tiny)  # d loss / d num
+            dS = torch.stack([dnum, -dnum * z], 2)  # (B, RB, 2, D): d loss / d [num, den]
+            dS = dS.view(B, RB, 2, G, Dv).permute(3, 1, 0, 2, 4).reshape(G, RB, N)
+            m = bias.row_max(i0, i1, e)
             for j0 in range(0, e, FB):
                 j1 = min(e, j0 + FB)
-                E = _full_E(w, m, i0, i1, j0, j1, off, causal)
-                X = _full_X(kg, vg, shift, j0, j1)
-                if dw is not None:  # d/dw of exp(w - m) is E itself (m is a constant shift)
-                    dw[:, i0:i1, j0:j1] += torch.bmm(dS, X.transpose(1, 2)) * E
-                dX = torch.bmm(E.transpose(1, 2), dS).view(G, j1 - j0, B, 2, Dv).permute(2, 1, 0, 3, 4)
-                P = torch.exp(kg[:, j0:j1] - shift)  # (B, KB, G, Dv)
-                dv[:, j0:j1] += (P * dX[..., 0, :]).reshape(B, j1 - j0, D)
-                dk[:, j0:j1] += (P * (vg[:, j0:j1] * dX[..., 0, :] + dX[..., 1, :])).reshape(B, j1 - j0, D)
-        return dq, dk, dv, dw, None, None
+                KB = j1 - j0
+                X = _full_X(kg, vg, shift, j0, j1)  # (G, KB, B, 2, Dv)
+                tiles = _full_tiles(i0, i1, j0, j1, off, causal, FB)
+                dX = X.new_zeros(G, KB, N) if len(tiles) > 1 else None
+                for r0, r1, k1 in tiles:
+                    E = bias.exp(m[:, r0 - i0:r1 - i0], r0, r1, j0, k1)
+                    dSt, Xt = dS[:, r0 - i0:r1 - i0], X.view(G, KB, N)[:, :k1 - j0]
+                    if dw is not None:  # d exp(w - m) / dw = E (m is a constant shift)
+                        dw_t = dw[:, off + r0:off + r1, j0:k1]
+                        if dw.dtype == E.dtype:
+                            torch.bmm(dSt, Xt.transpose(1, 2), out=dw_t).mul_(E)
+                        else:
+                            dw_t.copy_(torch.bmm(dSt, Xt.transpose(1, 2)).mul_(E))
+                    if dX is None:
+                        dX = torch.bmm(E.transpose(1, 2), dSt)
+                    else:
+                        dX[:, :k1 - j0].baddbmm_(E.transpose(1, 2), dSt)
+                # X = [P V, P] with P = exp(K - shift): dV = P dX_pv, dK = (P V) dX_pv + P dX_p
+                dX = dX.view(G, KB, B, 2, Dv)
+                PV, P, dXpv, dXp = (t[:, :, :, i].permute(2, 1, 0, 3) for t in (X, dX) for i in (0, 1))
+                dv[:, j0:j1].view(B, KB, G, Dv).addcmul_(P, dXpv)
+                dk[:, j0:j1].view(B, KB, G, Dv).addcmul_(PV, dXpv).addcmul_(P, dXp)
+        return dq, dk, dv, dw, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,16 +756,18 @@ def aft_full(q, k, v, pos_bias, *, causal=False, key_mask=None):
     G, off = wh.shape[0], Lk - Lq
     dt = _compute_dtype(q, k, v, pos_bias)
     with _no_autocast(q.device.type):
-        qf, kf, vf, w = _up(q, dt), _up(k, dt), _up(v, dt), _up(wh[:, off:Lk, :Lk], dt)
+        qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
         km, valid = _masked_keys(kf, key_mask)
-        y, flags = _FullScan.apply(qf, km, vf, w, causal, FULL_BLOCK_SIZE)
-        flags = flags & _has_visible(valid, B, Lq, Lk, causal, q.device)
+        keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pos_bias))
+        # the bias goes in whole (blocks are cast on the fly): its gradient is then one T' x T' buffer
+        y, flags = _FullScan.apply(qf, km, vf, wh, off, causal, FULL_BLOCK_SIZE, keep)
+        has_vis = _has_visible(valid, B, Lq, Lk, causal, q.device)
 
         def bias_rows(pos, Tk):  # (n, G, Tk): the dense bias rows of these positions
-            rows = w[:, pos - off, :Tk].transpose(0, 1)
+            rows = wh[:, pos, :Tk].transpose(0, 1).to(dt)
             return _causal_bias(rows, pos, Tk) if causal else rows
 
-        y = _fix_flagged(y, flags, qf, kf, vf, valid, bias_rows, G, causal, offset=off)
+        y = _fix_flagged(y, flags, has_vis, qf, kf, vf, valid, bias_rows, G, causal, offset=off)
     return y.to(q.dtype)
 
 
@@ -672,13 +783,13 @@ def _linear_variant(q, k, v, w, inside, groups, d_lo, d_hi, causal, key_mask, de
         y, flags = _causal_scan(q, km, v, beta, alpha, groups, d_hi + 1 if w is not None else 0)
     else:
         y, flags = _global_band(q, km, v, beta, alpha, groups, d_lo, d_hi)
-    flags = flags & _has_visible(valid, B, T, T, causal, q.device)
+    has_vis = _has_visible(valid, B, T, T, causal, q.device)
 
     def bias_rows(pos, Tk):
         rows = dense_bias(pos, Tk)  # (n, G, Tk)
         return _causal_bias(rows, pos, Tk) if causal else rows
 
-    return _fix_flagged(y, flags, q, k, v, valid, bias_rows, groups, causal)
+    return _fix_flagged(y, flags, has_vis, q, k, v, valid, bias_rows, groups, causal)
 
 
 def aft_simple(q, k, v, *, causal=False, key_mask=None):
@@ -717,15 +828,16 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
     d_lo, d_hi = (0, reach) if causal else (-reach, reach)
     dt = _compute_dtype(q, k, v, pos_bias)
     with _no_autocast(q.device.type):
-        qf, kf, vf, w = _up(q, dt), _up(k, dt), _up(v, dt), _up(wh[:, :T, :T], dt)
-        # the band as diagonals: slot j of row t is w[g, t, t - d], d = d_lo + j
+        qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
+        # the band as diagonals: slot j of row t is w[g, t, t - d], d = d_lo + j. Gathered straight
+        # from pos_bias, so its gradient is a single T' x T' buffer.
         t = torch.arange(T, device=q.device)[:, None]
         key = t - torch.arange(d_lo, d_hi + 1, device=q.device)[None, :]  # (T, nb)
         inside = (key >= 0) & (key < T)
-        band = w[:, t.expand_as(key), key.clamp(0, T - 1)]  # (G, T, nb)
+        band = wh[:, t.expand_as(key), key.clamp(0, T - 1)].to(dt)  # (G, T, nb)
 
         def dense_bias(pos, Tk):
-            rows = w[:, pos, :Tk].transpose(0, 1)  # (n, G, Tk)
+            rows = wh[:, pos, :Tk].transpose(0, 1).to(dt)  # (n, G, Tk)
             near = (pos[:, None] - torch.arange(Tk, device=q.device)[None, :]).abs() < window
             return torch.where(near[:, None, :], rows, torch.zeros_like(rows))
 
@@ -827,7 +939,7 @@ def aft_conv2d(q, k, v, kernel, *, key_mask=None):
         num, den = S[..., :Dv], S[..., Dv:]
         y = torch.sigmoid(qf) * _safe_div(num, den).reshape(B, Hh, Ww, D)
         flags = (den.detach() < EXACT_DEN_THRESHOLD).reshape(B, T, h).any(-1)
-        flags = flags & _has_visible(valid, B, T, T, False, q.device)
+        has_vis = _has_visible(valid, B, T, T, False, q.device)
 
         def bias_rows(pos, Tk):
             rr, cc = pos // Ww, pos % Ww
@@ -837,5 +949,5 @@ def aft_conv2d(q, k, v, kernel, *, key_mask=None):
             rows = kern[:, a.clamp(0, s - 1), b.clamp(0, s - 1)].transpose(0, 1)  # (n, h, Tk)
             return torch.where(inside[:, None, :], rows, torch.zeros_like(rows))
 
-        y = _fix_flagged(flat(y), flags, flat(qf), flat(kf), flat(vf), valid, bias_rows, h, False)
+        y = _fix_flagged(flat(y), flags, has_vis, flat(qf), flat(kf), flat(vf), valid, bias_rows, h, False)
     return y.reshape(B, Hh, Ww, D).to(q.dtype)
