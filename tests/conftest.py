@@ -1,6 +1,14 @@
+import os
+
 import pytest
+import torch
 
 from hub_server import HubServer
+
+# `make test` runs two pytest workers on two cores: one thread each (children included) avoids oversubscription,
+# which made small ops many times slower here.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -355,9 +355,10 @@ def test_trainer_fine_tunes_the_image_classifier_on_mnist(tmp_path):
     labels = torch.from_numpy(rows[:, 784]).long()
     dataset = [{"pixel_values": p, "labels": y} for p, y in zip(pixels[:1000], labels[:1000])]
     torch.manual_seed(0)
-    model = AFTForImageClassification(image_config(image_size=28, num_labels=10, position_embedding_type="learned"))
-    losses = _train(model, dataset, tmp_path, steps=120, lr=3e-3)  # ~2 epochs of 1000 images
-    assert losses[-1] < losses[0] * 0.85, losses
+    config = image_config(image_size=28, patch_size=7, hidden_size=64, num_labels=10, position_embedding_type="learned")
+    model = AFTForImageClassification(config)
+    losses = _train(model, dataset, tmp_path, steps=240, lr=3e-3)  # ~4 epochs of 1000 images
+    assert losses[-1] < losses[0] * 0.8, losses
     with torch.no_grad():
         accuracy = (model.eval()(pixel_values=pixels[1000:]).logits.argmax(-1) == labels[1000:]).float().mean()
-    assert accuracy > 0.25, accuracy  # chance is 0.1; a 2×32 model after 2 short epochs, not a converged one
+    assert accuracy > 0.4, accuracy  # chance is 0.1; a 2×64 model after 4 short epochs, not a converged one
