@@ -1,0 +1,418 @@
+#!/usr/bin/env python
+"""Benchmarks for modeling-aft.
+
+    python scripts/benchmark.py ops [--device cpu|cuda] [--seq-lens 512 1024 ...] [--dim 512]
+                                    [--repeat N] [--threads N] [--out docs/benchmarks/ops_cpu.md]
+
+Each subcommand is a pair (add_arguments(parser), run(args)) registered in SUBCOMMANDS at the bottom;
+`ops` lives here, further ones (train, generate, quality, transfer) plug in the same way and reuse the
+module-level helpers: time_fn, peak_memory_mb, markdown_table, machine_description, write_report.
+"""
+
+import argparse
+import ctypes
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # runs from a clean clone without installing the package
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profiler is chatty on stderr otherwise
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, warmup=1, repeat=5, device="cpu"):
+    """Wall-clock milliseconds of fn(), one entry per repeat (after `warmup` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def peak_memory_mb(fn, device="cpu"):
+    """Peak of (allocated - freed) bytes while fn() runs, in MiB, relative to the start.
+
+    CUDA: the caching allocator's peak. CPU: torch has no allocator statistics, so the profiler's
+    allocation events are replayed in time order (every torch CPU allocation and free is recorded).
+    Outputs and gradients created by fn count; inputs that existed before do not.
+    """
+    if str(device).startswith("cuda"):
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def markdown_table(headers, rows):
+    """A GitHub markdown table; numbers are formatted by the caller."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_description(device="cpu"):
+    """Lines describing where the numbers come from."""
+    lines = [
+        f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, "
+        f"torch threads: {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}",
+    ]
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+        if model:
+            lines[0] = lines[0].replace(platform.processor() or platform.machine(), model, 1)
+    except OSError:
+        pass
+    if hasattr(os, "getloadavg"):
+        lines.append("- load average (1, 5, 15 min) when the run ended: %.1f, %.1f, %.1f" % os.getloadavg())
+    if str(device).startswith("cuda"):
+        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
+    return lines
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory instead of returning it to the OS after every large free.
+
+    On this VM a first touch of fresh memory costs ~4 us per 4 KiB page, and glibc's adaptive mmap
+    threshold makes whether a given allocation pays it depend on the history of earlier allocations:
+    the same op measured twice could differ 2-3x. Applied once, to every operator alike.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
+    except (OSError, AttributeError):
+        return False
+
+
+def write_report(path, text):
+    path = pathlib.Path(path)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# ops: AFT operators against scaled_dot_product_attention
+
+OPS_HEADS, OPS_LOCAL_WINDOW, OPS_CONV_HEADS, OPS_CONV_SIZE = 8, 32, 8, 32
+OPS_QUADRATIC = ("sdpa", "aft_full")  # time ~ T^2; the rest ~ T
+
+
+def ops_candidates(T, D, device):
+    """name -> (forward callable, leaf inputs that get gradients, gradient of the output).
+
+    Every AFT call is causal at B=1, as in a decoder; SDPA uses 8 heads of D/8 at the same (B, T, D).
+    """
+    from modeling_aft.aft_ops import aft_conv1d, aft_full, aft_local, aft_simple
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(device)
+    q, k, v, grad = (rand(1, T, D) for _ in range(4))
+    pos_bias = rand(T, T, scale=0.1)
+    k_conv, kernel = rand(1, T, OPS_CONV_HEADS), rand(OPS_CONV_HEADS, OPS_CONV_SIZE, scale=0.1)
+    heads = lambda x: x.view(1, T, OPS_HEADS, D // OPS_HEADS).transpose(1, 2)
+    probe_q, probe_k, probe_v = q.clone(), k.clone(), v.clone()
+    return {
+        "sdpa": (lambda: F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+                 .transpose(1, 2).reshape(1, T, D), [q, k, v], grad),
+        "aft_full": (lambda: aft_full(q, k, v, pos_bias, causal=True), [q, k, v, pos_bias], grad),
+        "aft_local": (lambda: aft_local(q, k, v, pos_bias, OPS_LOCAL_WINDOW, causal=True),
+                      [q, k, v, pos_bias], grad),
+        # the same op without a gradient for the (T, T) bias: what the dense T x T gradient costs
+        "aft_local_fixed_bias": (lambda: aft_local(q, k, v, pos_bias.detach(), OPS_LOCAL_WINDOW, causal=True),
+                                 [q, k, v], grad),
+        "aft_simple": (lambda: aft_simple(q, k, v, causal=True), [q, k, v], grad),
+        "aft_conv1d": (lambda: aft_conv1d(q, k_conv, v, kernel, causal=True), [q, k_conv, v, kernel], grad),
+        # one elementwise pass reading q, k, v and writing one output: the memory-bandwidth floor
+        "bandwidth_probe": (lambda: torch.addcmul(probe_v, probe_q, probe_k), [], None),
+    }
+
+
+def _fwd(fn):
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def _fwd_bwd(fn, leaves, grad):
+    def run():
+        fn().backward(grad)
+        for x in leaves:
+            x.grad = None
+    return run
+
+
+def _ops_estimate(results, name, T, key):
+    """Predicted seconds for (name, T) from the largest measured T: quadratic or linear growth."""
+    done = [(t, r[key]) for (n, t), r in results.items() if n == name and r.get(key) is not None]
+    if not done:
+        return 0.0
+    t_prev, ms = max(done)
+    power = 2 if name in OPS_QUADRATIC else 1
+    return ms / 1e3 * (T / t_prev) ** power
+
+
+def _ops_bias_gib(name, T):
+    """The (T, T) bias, its gradient and (full) a few blocks: what aft_full / aft_local hold at once."""
+    return 2 * 4 * T * T / 2**30 if name in ("aft_full", "aft_local") else 0.0
+
+
+def run_ops(args):
+    device = args.device
+    if device == "cpu" and not args.keep_malloc_defaults:
+        args.malloc_note = keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results, skipped = {}, []
+    started = time.time()
+    for T in args.seq_lens:
+        cands = ops_candidates(T, args.dim, device)
+        active = {}
+        for name, (fn, leaves, grad) in cands.items():
+            if args.ops and name not in args.ops:
+                continue
+            est = _ops_estimate(results, name, T, "fwd_bwd_ms")
+            if est * (args.repeat + 1) > args.time_cap:
+                skipped.append((name, T, f"estimated {est:.0f} s per fwd+bwd x {args.repeat + 1} runs "
+                                         f"> --time-cap {args.time_cap:.0f} s"))
+            elif _ops_bias_gib(name, T) > args.mem_cap_gb:
+                skipped.append((name, T, f"(T, T) bias + gradient {_ops_bias_gib(name, T):.1f} GiB "
+                                         f"> --mem-cap-gb {args.mem_cap_gb}"))
+            else:
+                active[name] = (fn, leaves, grad)
+        if not active:
+            continue
+        for x in (x for _, leaves, _ in active.values() for x in leaves):
+            x.requires_grad_(True)
+        runs = {n: {"fwd": _fwd(fn), "fwd_bwd": _fwd_bwd(fn, leaves, grad) if grad is not None else None}
+                for n, (fn, leaves, grad) in active.items()}
+        times = {(n, kind): [] for n in runs for kind in ("fwd", "fwd_bwd")}
+        for n, r in runs.items():  # warm-up (and first-touch of buffers) for everyone first
+            for kind, f in r.items():
+                if f is not None:
+                    f()
+        for _ in range(args.repeat):  # interleaved: drift and other load hit all operators alike
+            for n, r in runs.items():
+                for kind, f in r.items():
+                    if f is not None:
+                        times[(n, kind)] += time_fn(f, warmup=0, repeat=1, device=device)
+        for n, r in runs.items():
+            results[(n, T)] = {
+                "fwd_ms": statistics.median(times[(n, "fwd")]),
+                "fwd_bwd_ms": statistics.median(times[(n, "fwd_bwd")]) if r["fwd_bwd"] else None,
+                "mem_fwd_mb": peak_memory_mb(r["fwd"], device),
+                "mem_fwd_bwd_mb": peak_memory_mb(r["fwd_bwd"], device) if r["fwd_bwd"] else None,
+            }
+            row = results[(n, T)]
+            print(f"T={T:6d} {n:16s} fwd {row['fwd_ms']:9.1f} ms  fwd+bwd "
+                  f"{row['fwd_bwd_ms'] if row['fwd_bwd_ms'] is not None else float('nan'):9.1f} ms  "
+                  f"peak {row['mem_fwd_mb']:8.1f} / {row['mem_fwd_bwd_mb'] or 0:8.1f} MiB", flush=True)
+        del cands, active, runs
+    args.elapsed_s = time.time() - started
+    report = ops_report(results, skipped, args)
+    print(report)
+    if args.out:
+        print(f"wrote {write_report(args.out, report)}")
+    return results
+
+
+def _fmt(x, nd=1):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def ops_targets(results, seq_lens):
+    """[(target, held: bool | None, detail)] for the performance goals of the AFT operators."""
+    def r(n, T, key):
+        return results.get((n, T), {}).get(key)
+
+    out = []
+    if not seq_lens:
+        return out
+    T = 8192 if 8192 in seq_lens else max(seq_lens)
+    for n in ("aft_simple", "aft_local", "aft_conv1d"):
+        a, s = r(n, T, "fwd_bwd_ms"), r("sdpa", T, "fwd_bwd_ms")
+        ok = None if a is None or s is None else s / a >= 10
+        detail = "not measured" if ok is None else f"{s / a:.1f}x ({a:.0f} ms vs {s:.0f} ms)"
+        fixed = r("aft_local_fixed_bias", T, "fwd_bwd_ms")
+        if n == "aft_local" and fixed and s:
+            detail += f"; without the (T, T) bias gradient {s / fixed:.1f}x ({fixed:.0f} ms)"
+        out.append((f"{n} causal fwd+bwd >= 10x faster than SDPA at T={T}", ok, detail))
+    T4 = 4096 if 4096 in seq_lens else max(seq_lens)
+    a, s = r("aft_full", T4, "fwd_bwd_ms"), r("sdpa", T4, "fwd_bwd_ms")
+    ok = None if a is None or s is None else a <= s
+    out.append((f"aft_full causal fwd+bwd no slower than SDPA at T={T4}", ok,
+                "not measured" if ok is None else f"{a:.0f} ms vs {s:.0f} ms ({s / a:.2f}x)"))
+    a, p = r("aft_simple", T, "fwd_ms"), r("bandwidth_probe", T, "fwd_ms")
+    ok = None if a is None or p is None else a <= 3 * p
+    out.append((f"aft_simple forward within 3x of the bandwidth probe at T={T}", ok,
+                "not measured" if ok is None else f"{a / p:.1f}x ({a:.1f} ms vs {p:.1f} ms)"))
+    for kind, label in (("mem_fwd_mb", "forward"), ("mem_fwd_bwd_mb", "fwd+bwd")):
+        for n in ("aft_full", "aft_local", "aft_simple", "aft_conv1d"):
+            pairs = [(t, r(n, t, kind), r("sdpa", t, kind)) for t in seq_lens]
+            pairs = [(t, a, s) for t, a, s in pairs if a is not None and s is not None]
+            worse = [f"T={t}: {a:.1f} vs {s:.1f} MiB" for t, a, s in pairs if a > s]
+            measured = bool(pairs)
+            out.append((f"{n} peak memory ({label}) <= SDPA's", None if not measured else not worse,
+                        "at every measured T" if measured and not worse else "; ".join(worse) or "not measured"))
+    return out
+
+
+OPS_WHY = """\
+Notes (what limits each number, and what would change it):
+- aft_full / aft_local take a dense (T, T) pos_bias, so their backward hands back a dense (T, T)
+  gradient: 4 T^2 bytes (256 MiB at T=8192) written from scratch every step. That is most of their
+  fwd+bwd peak memory, and on this VM also a large share of aft_local's backward time (first-touching
+  that much memory is slow here: `torch.zeros_like` of an 8192^2 float tensor took 0.1-2 s depending
+  on the load). The `aft_local_fixed_bias` row is the same call without that gradient. Keeping only the
+  band (T x window) as aft_local's parameter would remove it. aft_full also keeps Z and den
+  (2 x (T, D)) for its backward (one E @ X product fewer), and works on 512 x 512 tiles of E and
+  512 x 2D tiles of [P V, P] (~7 MiB), which is its forward overhead over SDPA. aft_local's forward
+  holds the band gathered from pos_bias and its weights (a few (T, window) tensors, 1 MiB each at
+  T=8192) and segments of 256 rows (each segment recomputes a band-wide halo, so they are longer).
+- aft_simple / aft_conv1d peak memory: SDPA's fused CPU kernel holds its output plus ~0.8 MiB of
+  per-thread scratch. The AFT scans hold the output plus one segment's buffers (64-256 rows of
+  [P V, P]) and, for a backward, each segment's entering carry: a few MiB more, i.e. within a few
+  percent of SDPA at large T (equal or below for aft_simple's forward at T >= 8192, and for
+  aft_conv1d's fwd+bwd at T >= 4096) but above it at small T. Smaller segments trade this for speed.
+- aft_simple forward vs the probe: the probe is one fused elementwise kernel. In eager PyTorch the
+  stable scan is ~12 separate kernels (exp, multiply, a chunked triangular matmul for the prefix sums,
+  the carry add, divide, sigmoid, multiply, the underflow check), each a pass over (T, D) data, plus
+  per-segment dispatch overhead. Reaching ~3x needs those fused into one loop (a C++/Triton kernel or
+  torch.compile); torch.compile of the read-out alone measured ~1.7x faster here, but costs ~35 s of
+  compilation per shape family and a C++ toolchain, so the package does not use it.
+- Threads: measured with --threads 1. The 2 vCPUs were shared with other jobs (load average up to
+  ~10 during this work): with 2 threads every OpenMP region waits for whichever thread is descheduled,
+  which hits operators made of many short kernels far harder than one long SDPA kernel (aft_simple at
+  T=512: ~190 ms with 2 threads vs 3-4 ms with 1 under that load). On an idle machine the default
+  thread count is the fair setting.
+"""
+
+
+def ops_report(results, skipped, args):
+    seq_lens = sorted({T for (_, T) in results})
+    names = ["sdpa", "aft_full", "aft_local", "aft_local_fixed_bias", "aft_simple", "aft_conv1d", "bandwidth_probe"]
+    rows = []
+    for T in seq_lens:
+        s = results.get(("sdpa", T), {})
+        for n in names:
+            r = results.get((n, T))
+            if r is None:
+                continue
+            speed = lambda key: (_fmt(s[key] / r[key], 1) + "x"
+                                 if s.get(key) and r.get(key) and n != "bandwidth_probe" else "-")
+            rows.append([T, n, _fmt(r["fwd_ms"]), speed("fwd_ms"), _fmt(r["fwd_bwd_ms"]), speed("fwd_bwd_ms"),
+                         _fmt(r["mem_fwd_mb"]), _fmt(r["mem_fwd_bwd_mb"])])
+    table = markdown_table(["T", "op", "fwd ms", "fwd speed-up vs SDPA", "fwd+bwd ms", "fwd+bwd speed-up vs SDPA",
+                            "peak MiB fwd", "peak MiB fwd+bwd"], rows)
+    targets = ops_targets(results, seq_lens)
+    mark = {True: "held", False: "missed", None: "not measured"}
+    target_lines = [f"- {mark[ok]}: {name} — {detail}" for name, ok, detail in targets]
+    cmd = "python scripts/benchmark.py ops " + " ".join(
+        [f"--device {args.device}", "--seq-lens " + " ".join(map(str, args.seq_lens)), f"--dim {args.dim}",
+         f"--repeat {args.repeat}"] + ([f"--threads {args.threads}"] if args.threads else []))
+    parts = [
+        "# AFT operators vs. scaled_dot_product_attention (CPU)",
+        "",
+        f"Generated by `{cmd}` in {args.elapsed_s / 60:.1f} min.",
+        "",
+        "Setup: B=1, D=%d, every operator causal. SDPA: `F.scaled_dot_product_attention(is_causal=True)` with "
+        "%d heads of %d. aft_full and aft_local get a (T, T) pos_bias (aft_local window %d), aft_conv1d h=%d "
+        "heads with a kernel of %d. Gradients flow to every input, biases and kernels included. "
+        "`bandwidth_probe` is `torch.addcmul(v, q, k)`: one elementwise pass reading q, k, v and writing "
+        "one (T, D) output, i.e. the bytes any of these operators must move at least."
+        % (args.dim, OPS_HEADS, args.dim // OPS_HEADS, OPS_LOCAL_WINDOW, OPS_CONV_HEADS, OPS_CONV_SIZE),
+        "",
+        "Times are medians of %d interleaved runs (wall clock, after one warm-up run of each). Peak memory "
+        "is the largest amount of memory allocated and not yet freed during one call, from the profiler's "
+        "allocation events (outputs and gradients count, pre-existing inputs do not). Speed-ups are SDPA "
+        "time / op time." % args.repeat,
+        "",
+        "Machine:",
+        "",
+        *machine_description(args.device),
+        "- glibc asked to keep freed memory (mallopt): %s — see `keep_freed_memory()` in the script"
+        % ("yes" if getattr(args, "malloc_note", False) else "no"),
+        "- The 2 CPUs are shared with other jobs: absolute times moved by up to 2x between runs while this "
+        "was written (SDPA at T=8192: 2.1-4.3 s), the ratios much less (aft_local at T=8192: 10-14x).",
+        "",
+        table,
+        "",
+    ]
+    if skipped:
+        parts += ["Skipped:", ""] + [f"- {n} at T={T}: {why}" for n, T, why in skipped] + [""]
+    parts += ["## Targets", "", *target_lines, "", OPS_WHY]
+    return "\n".join(parts)
+
+
+def add_ops_arguments(p):
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--ops", nargs="+", default=None, help="only these candidates (default: all)")
+    p.add_argument("--time-cap", type=float, default=120.0,
+                   help="skip an op whose estimated measuring time exceeds this (s)")
+    p.add_argument("--mem-cap-gb", type=float, default=4.0, help="skip aft_full/aft_local above this bias memory (GiB)")
+    p.add_argument("--keep-malloc-defaults", action="store_true", help="do not call mallopt (see keep_freed_memory)")
+    p.add_argument("--out", default="docs/benchmarks/ops_cpu.md", help="markdown report ('' to skip)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+SUBCOMMANDS = {
+    "ops": (add_ops_arguments, run_ops, "time and memory of the AFT operators vs. SDPA"),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, run, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    main()
