@@ -127,6 +127,30 @@ def _heads_of_bias(pos_bias, D, Lq, Lk):
     return w
 
 
+def _bias_factors(pos_bias, T):
+    """(u, v) when pos_bias is given factorized as w = u vᵀ (paper eq. 7), each (T', r) with T' >= T; else None."""
+    if not isinstance(pos_bias, (tuple, list)):
+        return None
+    _check(len(pos_bias) == 2, "a factorized pos_bias is a pair (u, v) with w = u vᵀ")
+    u, v = pos_bias
+    _check(u.dim() == 2 and u.shape == v.shape, f"u and v must both be (T', r), got {tuple(u.shape)}, {tuple(v.shape)}")
+    _check(u.shape[0] >= T, f"pos_bias factors are {u.shape[0]} long, smaller than the sequence ({T})")
+    return u, v
+
+
+def _band_from_factors(u, v, T, d_lo, d_hi):
+    """(T, nb) band of w = u vᵀ, slot j of row t = u_t · v_{t-d} (d = d_lo + j), 0 where t - d is outside [0, T).
+
+    One diagonal at a time from contiguous slices: O(T·nb·r) time, and autograd keeps only views, never T x T.
+    """
+    columns = []
+    for d in range(d_lo, d_hi + 1):
+        lo, hi = max(d, 0), T + min(d, 0)  # rows t with 0 <= t - d < T
+        diagonal = (u[lo:hi] * v[lo - d:hi - d]).sum(-1)
+        columns.append(torch.nn.functional.pad(diagonal, (lo, T - hi)))
+    return torch.stack(columns, dim=-1)
+
+
 def _no_autocast(device_type):
     """The body runs in float32 (float64 stays): autocast must not push its matmuls back to 16 bits."""
     return torch.autocast(device_type=device_type, enabled=False)
@@ -814,7 +838,8 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
 
     Every position still sees the whole (causal) context; the window only limits where the bias applies.
     q, k, v (B, T, D); pos_bias (T', T') or (H, T', T') with T' >= T (top-left T x T used, D divisible
-    by H). Out-of-band keys come from prefix (and suffix) sums, the band from pos_bias' diagonals:
+    by H), or the factors (u, v), each (T', r), of w = u vᵀ — then neither the bias nor its gradient is
+    ever T x T. Out-of-band keys come from prefix (and suffix) sums, the band from pos_bias' diagonals:
     O(T window D) time, O(T D) memory, no T x T intermediate.
     """
     _check_qkv(q, k, v)
@@ -822,22 +847,29 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
     _check(k.shape[-1] == D, f"aft_local needs k with D={D} features, got {k.shape[-1]}")
     _check(isinstance(window, int) and window >= 1, f"window must be an int >= 1, got {window!r}")
     _check_mask(key_mask, (B, T))
-    wh = _heads_of_bias(pos_bias, D, T, T)
-    G = wh.shape[0]
+    factors = _bias_factors(pos_bias, T)
+    wh = None if factors is not None else _heads_of_bias(pos_bias, D, T, T)
+    G = 1 if factors is not None else wh.shape[0]
     reach = min(window, T) - 1  # offsets beyond the sequence never apply
     d_lo, d_hi = (0, reach) if causal else (-reach, reach)
-    dt = _compute_dtype(q, k, v, pos_bias)
+    dt = _compute_dtype(q, k, v, *(factors if factors is not None else (pos_bias,)))
     with _no_autocast(q.device.type):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
         # the band as diagonals: slot j of row t is w[g, t, t - d], d = d_lo + j. Gathered straight
-        # from pos_bias, so its gradient is a single T' x T' buffer.
+        # from pos_bias, so its gradient is a single T' x T' buffer; from factors, it is never T x T.
         t = torch.arange(T, device=q.device)[:, None]
         key = t - torch.arange(d_lo, d_hi + 1, device=q.device)[None, :]  # (T, nb)
         inside = (key >= 0) & (key < T)
-        band = wh[:, t.expand_as(key), key.clamp(0, T - 1)].to(dt)  # (G, T, nb)
+        if factors is not None:
+            band = _band_from_factors(*(_up(f, dt) for f in factors), T, d_lo, d_hi)[None]  # (1, T, nb)
+        else:
+            band = wh[:, t.expand_as(key), key.clamp(0, T - 1)].to(dt)  # (G, T, nb)
 
         def dense_bias(pos, Tk):
-            rows = wh[:, pos, :Tk].transpose(0, 1).to(dt)  # (n, G, Tk)
+            if factors is not None:  # only the rows the exact path recomputes
+                rows = (_up(factors[0][pos], dt) @ _up(factors[1][:Tk], dt).T)[:, None, :]  # (n, 1, Tk)
+            else:
+                rows = wh[:, pos, :Tk].transpose(0, 1).to(dt)  # (n, G, Tk)
             near = (pos[:, None] - torch.arange(Tk, device=q.device)[None, :]).abs() < window
             return torch.where(near[:, None, :], rows, torch.zeros_like(rows))
 

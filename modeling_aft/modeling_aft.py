@@ -45,6 +45,12 @@ class AFTPositionBias(nn.Module):
             return self.u[:length] @ self.v[:length].T
         return self.weight[:length, :length]
 
+    def local_operand(self, length: int):
+        """What `aft_local` takes: the factors (u, v) when factorized, so no T×T bias or gradient is ever built."""
+        if self.rank > 0:
+            return self.u[:length], self.v[:length]
+        return self.weight[:length, :length]
+
     def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """w[rows_b,i, cols_b,j] for per-sequence positions rows (B, Lq), cols (B, Lk) → (B, Lq, Lk)."""
         if self.rank > 0:
@@ -146,11 +152,12 @@ class AFTLayer(nn.Module):
             order = _compact_rows(key_mask)
             q, k, v = (_gather_rows(t, order) for t in (q, k, v))
             key_mask = torch.gather(key_mask, 1, order)
-        bias = self.position_bias.matrix(q.shape[1])
+        length = q.shape[1]
         if self.variant == "full":
-            y = aft_full(q, k, v, bias, causal=True, key_mask=key_mask)
+            y = aft_full(q, k, v, self.position_bias.matrix(length), causal=True, key_mask=key_mask)
         else:
-            y = aft_local(q, k, v, bias, self.window, causal=True, key_mask=key_mask)
+            y = aft_local(q, k, v, self.position_bias.local_operand(length), self.window, causal=True,
+                          key_mask=key_mask)
         if order is not None:
             y = torch.empty_like(y).scatter_(1, order[..., None].expand_as(y), y)
         return y
@@ -165,7 +172,7 @@ class AFTLayer(nn.Module):
         elif self.variant == "full":
             y = aft_full(q, k, v, self.position_bias.matrix(rows * cols), causal=False)
         else:
-            y = aft_local(q, k, v, self.position_bias.matrix(rows * cols), self.window, causal=False)
+            y = aft_local(q, k, v, self.position_bias.local_operand(rows * cols), self.window, causal=False)
         return y.view(batch, rows, cols, dim)
 
     # -- cached decoding --------------------------------------------------------------------------------------------

@@ -296,3 +296,22 @@ BAD_CALLS = {
 def test_bad_shapes_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["mild", "extreme"])  # extreme: rows take the exact path
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_with_factorized_bias_equals_the_dense_bias(causal, scale):
+    """aft_local(pos_bias=(u, v)) is aft_local(pos_bias=u vᵀ), in values and in the gradients of u and v."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = _qkv(23, gen)
+    u, w = (torch.randn(26, 3, generator=gen, dtype=torch.float64) * math.sqrt(scale) for _ in range(2))
+    mask = _mixed_mask(23)
+    results = []
+    for factorized in (True, False):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, u, w)]
+        bias = tuple(inputs[3:]) if factorized else inputs[3] @ inputs[4].T
+        out = ops.aft_local(*inputs[:3], bias, 4, causal=causal, key_mask=mask)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [x.grad for x in inputs])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7)
