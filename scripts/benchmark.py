@@ -131,6 +131,7 @@ def write_report(path, text):
 # ops: AFT operators against scaled_dot_product_attention
 
 OPS_HEADS, OPS_LOCAL_WINDOW, OPS_CONV_HEADS, OPS_CONV_SIZE = 8, 32, 8, 32
+OPS_BIAS_RANK = 128  # AFTConfig.position_bias_rank's default
 OPS_QUADRATIC = ("sdpa", "aft_full")  # time ~ T^2; the rest ~ T
 
 
@@ -145,6 +146,7 @@ def ops_candidates(T, D, device):
     rand = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(device)
     q, k, v, grad = (rand(1, T, D) for _ in range(4))
     pos_bias = rand(T, T, scale=0.1)
+    u, w = rand(T, OPS_BIAS_RANK, scale=0.1), rand(T, OPS_BIAS_RANK, scale=0.1)
     k_conv, kernel = rand(1, T, OPS_CONV_HEADS), rand(OPS_CONV_HEADS, OPS_CONV_SIZE, scale=0.1)
     heads = lambda x: x.view(1, T, OPS_HEADS, D // OPS_HEADS).transpose(1, 2)
     probe_q, probe_k, probe_v = q.clone(), k.clone(), v.clone()
@@ -157,6 +159,9 @@ def ops_candidates(T, D, device):
         # the same op without a gradient for the (T, T) bias: what the dense T x T gradient costs
         "aft_local_fixed_bias": (lambda: aft_local(q, k, v, pos_bias.detach(), OPS_LOCAL_WINDOW, causal=True),
                                  [q, k, v], grad),
+        # as AFTForCausalLM calls it: the factors of w = u vᵀ (rank OPS_BIAS_RANK), so nothing is T x T
+        "aft_local_factorized": (lambda: aft_local(q, k, v, (u, w), OPS_LOCAL_WINDOW, causal=True),
+                                 [q, k, v, u, w], grad),
         "aft_simple": (lambda: aft_simple(q, k, v, causal=True), [q, k, v], grad),
         "aft_conv1d": (lambda: aft_conv1d(q, k_conv, v, kernel, causal=True), [q, k_conv, v, kernel], grad),
         # one elementwise pass reading q, k, v and writing one output: the memory-bandwidth floor
@@ -266,7 +271,7 @@ def ops_targets(results, seq_lens):
     if not seq_lens:
         return out
     T = 8192 if 8192 in seq_lens else max(seq_lens)
-    for n in ("aft_simple", "aft_local", "aft_conv1d"):
+    for n in ("aft_simple", "aft_local", "aft_local_factorized", "aft_conv1d"):
         a, s = r(n, T, "fwd_bwd_ms"), r("sdpa", T, "fwd_bwd_ms")
         ok = None if a is None or s is None else s / a >= 10
         detail = "not measured" if ok is None else f"{s / a:.1f}x ({a:.0f} ms vs {s:.0f} ms)"
@@ -284,7 +289,7 @@ def ops_targets(results, seq_lens):
     out.append((f"aft_simple forward within 3x of the bandwidth probe at T={T}", ok,
                 "not measured" if ok is None else f"{a / p:.1f}x ({a:.1f} ms vs {p:.1f} ms)"))
     for kind, label in (("mem_fwd_mb", "forward"), ("mem_fwd_bwd_mb", "fwd+bwd")):
-        for n in ("aft_full", "aft_local", "aft_simple", "aft_conv1d"):
+        for n in ("aft_full", "aft_local", "aft_local_factorized", "aft_simple", "aft_conv1d"):
             pairs = [(t, r(n, t, kind), r("sdpa", t, kind)) for t in seq_lens]
             pairs = [(t, a, s) for t, a, s in pairs if a is not None and s is not None]
             worse = [f"T={t}: {a:.1f} vs {s:.1f} MiB" for t, a, s in pairs if a > s]
@@ -300,8 +305,9 @@ Notes (what limits each number, and what would change it):
   gradient: 4 T^2 bytes (256 MiB at T=8192) written from scratch every step. That is most of their
   fwd+bwd peak memory, and on this VM also a large share of aft_local's backward time (first-touching
   that much memory is slow here: `torch.zeros_like` of an 8192^2 float tensor took 0.1-2 s depending
-  on the load). The `aft_local_fixed_bias` row is the same call without that gradient. Keeping only the
-  band (T x window) as aft_local's parameter would remove it. aft_full also keeps Z and den
+  on the load). The `aft_local_fixed_bias` row is the same call without that gradient. The
+  `aft_local_factorized` row passes the factors (u, v) of w = u vᵀ (rank 128), as AFTForCausalLM does:
+  the band is computed diagonal by diagonal from u and v, and neither the bias nor its gradient is T x T. aft_full also keeps Z and den
   (2 x (T, D)) for its backward (one E @ X product fewer), and works on 512 x 512 tiles of E and
   512 x 2D tiles of [P V, P] (~7 MiB), which is its forward overhead over SDPA. aft_local's forward
   holds the band gathered from pos_bias and its weights (a few (T, window) tensors, 1 MiB each at
@@ -327,7 +333,8 @@ Notes (what limits each number, and what would change it):
 
 def ops_report(results, skipped, args):
     seq_lens = sorted({T for (_, T) in results})
-    names = ["sdpa", "aft_full", "aft_local", "aft_local_fixed_bias", "aft_simple", "aft_conv1d", "bandwidth_probe"]
+    names = ["sdpa", "aft_full", "aft_local", "aft_local_fixed_bias", "aft_local_factorized", "aft_simple",
+             "aft_conv1d", "bandwidth_probe"]
     rows = []
     for T in seq_lens:
         s = results.get(("sdpa", T), {})
@@ -410,8 +417,14 @@ def main(argv=None):
         p = sub.add_parser(name, help=help_text)
         add_arguments(p)
         p.set_defaults(run=run)
+    # model-level benchmarks (train, generate, quality) and the converter's transfer benchmark live beside this file
+    import bench_models
+    import bench_transfer
+
+    bench_models.add_parsers(sub)
+    bench_transfer.add_parser(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    return (getattr(args, "run", None) or args.func)(args)
 
 
 if __name__ == "__main__":
