@@ -1,0 +1,76 @@
+"""Smoke tests of scripts/bench_models.py: every subcommand's code path on tiny models (seconds, not minutes)."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_models.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--layers", "1", "--window", "4", "--rank", "4", "--aft-heads", "2", "--gpt2-heads", "2"]
+
+
+def test_add_parsers_registers_subcommands(bench):
+    parser = argparse.ArgumentParser()
+    bench.add_parsers(parser.add_subparsers(dest="command"))
+    for name in ("train", "generate", "quality"):
+        args = parser.parse_args([name])
+        assert callable(args.func)
+
+
+def test_train_inprocess(bench, tmp_path):
+    results = bench.main(["train", "--inprocess", "--widths", "16", "32", "--T", "16", "--wide-T", "8",
+                          "--tokens", "32", "--repeats", "1", "--models", "aft-local", "aft-conv", "gpt2",
+                          "--out-dir", str(tmp_path), *TINY])
+    text = (tmp_path / "train_cpu.md").read_text()
+    assert (tmp_path / "train_cpu.png").stat().st_size > 0
+    assert "AFT-local-4" in text and "GPT-2" in text and "Command:" in text
+    cell = results[(16, 16)]["models"]["aft-conv"]
+    assert cell["tokens_per_s"] > 0 and cell["speed_vs_gpt2"] > 0 and "peak_bytes" in cell
+
+
+def test_train_child_subprocess_and_caps(bench):
+    spec = bench.model_spec(argparse.Namespace(hidden=16, layers=1, window=4, rank=4, aft_heads=2, gpt2_heads=2,
+                                               gpt2_act="gelu", aft_positions="none"))
+    job = {"device": "cpu", "spec": spec, "seed": 0, "batch": 2, "T": 8, "threads": 1, "time_cap": 60,
+           "warmup": 0, "repeats": 1, "mode": "memory", "models": ["aft-simple"]}
+    res = bench._run_child(job, timeout=120, mem_cap=None, inprocess=False)
+    assert res["peak_bytes"] >= 0 and res["step_s"] > 0
+    assert bench._run_child(job, timeout=0.0, mem_cap=None, inprocess=False) == {"error": "time cap"}
+
+
+def test_generate_and_cache_bytes(bench, tmp_path):
+    results = bench.main(["generate", "--hidden", "16", "--contexts", "4", "8", "--steps", "2", "--repeats", "1",
+                          "--out-dir", str(tmp_path), *TINY])
+    assert (tmp_path / "generate_cpu.png").stat().st_size > 0
+    # GPT-2 keeps K and V: 2 · L · hidden fp32 per layer; AFT-simple a constant-size state
+    assert results[(8, "gpt2")]["cache_bytes"] == 2 * 8 * 16 * 4
+    assert results[(4, "aft-simple")]["cache_bytes"] == results[(8, "aft-simple")]["cache_bytes"] > 0
+    assert "ms per decoded token" in (tmp_path / "generate_cpu.md").read_text()
+
+
+def test_quality_tiny(bench, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_bytes(bytes(range(32, 127)) * 200)
+    trainees = bench.main(["quality", "--data", str(data), "--hidden", "16", "--T", "16", "--batch", "2",
+                           "--seconds", "0.3", "--slice", "0.3", "--curve-windows", "2",
+                           "--models", "aft-local", "gpt2", "--out-dir", str(tmp_path), *TINY])
+    assert {"equal_time", "equal_steps"} <= trainees["gpt2"].points.keys()
+    assert "bits/byte" in (tmp_path / "quality_cpu.md").read_text()
+    assert (tmp_path / "quality_cpu.png").stat().st_size > 0
+
+
+def test_quality_missing_data_exits_nonzero(bench, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        bench.main(["quality", "--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)])
+    assert err.value.code != 0
