@@ -662,6 +662,15 @@ def _full_tiles(i0, i1, j0, j1, off, causal, FB):
             for r0 in range(i0, i1, step) if min(j1, off + min(i1, r0 + step)) > j0]
 
 
+
+def _full_setup(q, k, v, w, off, causal):
+    """Shapes and per-group views shared by _FullFn's forward and backward: K, V as (B, Lk, G, D/G)."""
+    B, Lq, D = q.shape
+    Lk, G = k.shape[1], w.shape[0]
+    Dv = D // G
+    kg, vg = k.view(B, Lk, G, Dv), v.view(B, Lk, G, Dv)
+    return B, Lq, Lk, D, G, Dv, B * 2 * Dv, kg, vg, _FullBias(w, off, causal, q.dtype)
+
 class _FullScan(torch.autograd.Function):
     """AFT-full fast path, blocked over (row block, key block) tiles so no T x T intermediate exists.
 
@@ -672,12 +681,7 @@ class _FullScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, w, off, causal, FB, keep):
-        B, Lq, D = q.shape
-        Lk = k.shape[1]
-        G = w.shape[0]
-        Dv, N = D // G, B * 2 * (D // G)
-        kg, vg = k.view(B, Lk, G, Dv), v.view(B, Lk, G, Dv)
-        bias = _FullBias(w, off, causal, q.dtype)
+        B, Lq, Lk, D, G, Dv, N, kg, vg, bias = _full_setup(q, k, v, w, off, causal)
         out = torch.empty_like(q)
         Z, den = (torch.empty_like(q), torch.empty_like(q)) if keep else (None, None)
         flags = torch.empty(B, Lq, dtype=torch.bool, device=q.device)
@@ -711,12 +715,7 @@ class _FullScan(torch.autograd.Function):
     def backward(ctx, gout, _gflags):
         q, k, v, w, shifts, Z, den = ctx.saved_tensors
         off, causal, FB = ctx.cfg
-        B, Lq, D = q.shape
-        Lk = k.shape[1]
-        G = w.shape[0]
-        Dv, N = D // G, B * 2 * (D // G)
-        kg, vg = k.view(B, Lk, G, Dv), v.view(B, Lk, G, Dv)
-        bias = _FullBias(w, off, causal, q.dtype)
+        B, Lq, Lk, D, G, Dv, N, kg, vg, bias = _full_setup(q, k, v, w, off, causal)
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dw = torch.zeros_like(w) if ctx.needs_input_grad[3] else None
