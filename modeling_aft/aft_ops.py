@@ -138,17 +138,22 @@ def _bias_factors(pos_bias, T):
     return u, v
 
 
-def _band_from_factors(u, v, T, d_lo, d_hi):
+def _band_from_factors(u, v, T, d_lo, d_hi, C=32):
     """(T, nb) band of w = u vᵀ, slot j of row t = u_t · v_{t-d} (d = d_lo + j), 0 where t - d is outside [0, T).
 
-    One diagonal at a time from contiguous slices: O(T·nb·r) time, and autograd keeps only views, never T x T.
+    Rows go in chunks of C: one batched matmul of each chunk's u rows against the C + nb - 1 rows of v its band
+    reads (a strided window view, not a copy), then the diagonals are gathered. O(T (C + nb) r) time; autograd
+    keeps the (T, C + nb - 1) scores, never T x T.
     """
-    columns = []
-    for d in range(d_lo, d_hi + 1):
-        lo, hi = max(d, 0), T + min(d, 0)  # rows t with 0 <= t - d < T
-        diagonal = (u[lo:hi] * v[lo - d:hi - d]).sum(-1)
-        columns.append(torch.nn.functional.pad(diagonal, (lo, T - hi)))
-    return torch.stack(columns, dim=-1)
+    nb, r = d_hi - d_lo + 1, u.shape[1]
+    n = -(-T // C)
+    u_chunks = F.pad(u[:T], (0, 0, 0, n * C - T)).view(n, C, r)  # (n, C, r)
+    # key t - d of row t = c*C + i lives at row t - d + d_hi of the padded v: window c starts at row c*C
+    v_padded = F.pad(v[:T], (0, 0, d_hi, n * C - T - d_lo))  # (n*C + nb - 1, r), zero rows outside [0, T)
+    windows = v_padded.unfold(0, C + nb - 1, C)  # (n, r, C + nb - 1)
+    scores = torch.bmm(u_chunks, windows)  # (n, C, C + nb - 1)
+    band = scores.gather(-1, _band_cols(C, nb, u.device).expand(n, C, nb))  # (n, C, nb)
+    return band.reshape(n * C, nb)[:T]
 
 
 def _no_autocast(device_type):
