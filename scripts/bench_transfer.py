@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,10 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a clean clone
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models' report helpers, also when loaded by path
 
-from modeling_aft.convert_gpt2 import aft_config_from_gpt2, convert_gpt2_to_aft  # noqa: E402
-from modeling_aft.convert_vit import aft_config_from_vit, convert_vit_to_aft  # noqa: E402
+from modeling_aft.convert_gpt2 import convert_gpt2_to_aft  # noqa: E402
+from modeling_aft.convert_vit import convert_vit_to_aft  # noqa: E402
 from modeling_aft.modeling_aft import AFTForCausalLM, AFTForImageClassification  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
@@ -140,13 +140,23 @@ def classify(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> tuple
 
 
 # -- comparisons ----------------------------------------------------------------------------------------------------
-def _scratch_like(converted, model_class, seed: int):
+def contenders(convert, checkpoint, model_class, *, variant: str, inits, seed: int) -> dict:
+    """{name: model}: one converted model per (query_init, key_init), then "scratch", a fresh model of the same config.
+
+    Every model starts from the same seed, so whatever the converter does not copy starts from the same values.
+    """
+    models = {}
+    for query_init, key_init in inits:
+        torch.manual_seed(seed)
+        models[f"converted (Q {query_init}, K {key_init})"] = convert(
+            checkpoint, aft_variant=variant, query_init=query_init, key_init=key_init)
     torch.manual_seed(seed)
-    return model_class(converted.config)
+    models["scratch"] = model_class(next(iter(models.values())).config)
+    return models
 
 
 def compare_text(*, steps=300, batch=16, seq_len=256, lr=1e-3, variant="conv", seed=0, eval_windows=None,
-                 inits=(("copy", "mean"),), with_teacher=True, data=None, log_every=0) -> dict:
+                 inits=(("copy", "mean"),), with_teacher=True, measure_before=True, data=None, log_every=0) -> dict:
     """Fine-tune the converted GPT-2 and train a from-scratch twin; held-out bits/byte of each (and the teacher)."""
     from transformers import GPT2LMHeadModel
 
@@ -157,22 +167,16 @@ def compare_text(*, steps=300, batch=16, seq_len=256, lr=1e-3, variant="conv", s
         teacher = GPT2LMHeadModel.from_pretrained(GPT2_CHECKPOINT, use_safetensors=True)
         results["teacher_bits_per_byte"] = bits_per_byte(teacher, held_out, seq_len, eval_windows)
         results["teacher_eval_json"] = json.loads((GPT2_CHECKPOINT / "eval.json").read_text())["val_bits_per_byte"]
-    models = {}
-    for query_init, key_init in inits:
-        torch.manual_seed(seed)  # the same fresh init for whatever the converter does not copy
-        models[f"converted (Q {query_init}, K {key_init})"] = convert_gpt2_to_aft(
-            GPT2_CHECKPOINT, aft_variant=variant, query_init=query_init, key_init=key_init)
-    models["scratch"] = _scratch_like(next(iter(models.values())), AFTForCausalLM, seed)
+    models = contenders(convert_gpt2_to_aft, GPT2_CHECKPOINT, AFTForCausalLM, variant=variant, inits=inits, seed=seed)
     for name, model in models.items():
         start = time.perf_counter()
-        before = bits_per_byte(model, held_out, seq_len, eval_windows)
+        before = bits_per_byte(model, held_out, seq_len, eval_windows) if measure_before else math.nan
         print(f"text: {name}, held-out bits/byte before {before:.3f}", file=sys.stderr, flush=True)
         losses = train(model, lm_batches(train_bytes, batch, seq_len, seed), steps=steps, lr=lr, warmup=warmup,
                        loss_of=lm_loss, log_every=log_every)
         results["runs"][name] = {"bits_per_byte_before": before,
                                  "bits_per_byte": bits_per_byte(model, held_out, seq_len, eval_windows),
-                                 "final_train_loss": losses[-1] if losses else None,
-                                 "seconds": time.perf_counter() - start}
+                                 "train_losses": losses, "seconds": time.perf_counter() - start}
     converted = results["runs"][next(iter(models))]["bits_per_byte"]
     scratch = results["runs"]["scratch"]["bits_per_byte"]
     if with_teacher:
@@ -181,7 +185,7 @@ def compare_text(*, steps=300, batch=16, seq_len=256, lr=1e-3, variant="conv", s
 
 
 def compare_image(*, epochs=1.0, batch=64, lr=1e-3, variant="conv", seed=0, inits=(("copy", "mean"),),
-                  with_teacher=True, data=None, log_every=0) -> dict:
+                  with_teacher=True, measure_before=True, data=None, log_every=0) -> dict:
     """Fine-tune the converted ViT and train a from-scratch twin; held-out accuracy / loss of each (and teacher)."""
     from transformers import ViTForImageClassification
 
@@ -195,21 +199,18 @@ def compare_image(*, epochs=1.0, batch=64, lr=1e-3, variant="conv", seed=0, init
             logits = torch.cat([teacher(pixel_values=chunk).logits for chunk in x_test.split(250)])
         results["teacher_accuracy"] = (logits.argmax(-1) == y_test).float().mean().item()
         results["teacher_eval_json"] = json.loads((VIT_CHECKPOINT / "eval.json").read_text())["test_accuracy"]
-    models = {}
-    for query_init, key_init in inits:
-        torch.manual_seed(seed)
-        models[f"converted (Q {query_init}, K {key_init})"] = convert_vit_to_aft(
-            VIT_CHECKPOINT, aft_variant=variant, query_init=query_init, key_init=key_init)
-    models["scratch"] = _scratch_like(next(iter(models.values())), AFTForImageClassification, seed)
+    models = contenders(convert_vit_to_aft, VIT_CHECKPOINT, AFTForImageClassification, variant=variant, inits=inits,
+                        seed=seed)
     for name, model in models.items():
         start = time.perf_counter()
-        loss_before, accuracy_before = classify(model, x_test, y_test)
+        loss_before, accuracy_before = classify(model, x_test, y_test) if measure_before else (math.nan, math.nan)
         print(f"image: {name}, test accuracy before {accuracy_before:.3f}", file=sys.stderr, flush=True)
-        train(model, image_batches(x_train, y_train, batch, seed), steps=steps, lr=lr, warmup=warmup,
-              loss_of=image_loss, log_every=log_every)
+        losses = train(model, image_batches(x_train, y_train, batch, seed), steps=steps, lr=lr, warmup=warmup,
+                       loss_of=image_loss, log_every=log_every)
         loss, accuracy = classify(model, x_test, y_test)
         results["runs"][name] = {"accuracy_before": accuracy_before, "loss_before": loss_before,
-                                 "accuracy": accuracy, "loss": loss, "seconds": time.perf_counter() - start}
+                                 "accuracy": accuracy, "loss": loss, "train_losses": losses,
+                                 "seconds": time.perf_counter() - start}
     return results
 
 
@@ -222,7 +223,7 @@ def add_parser(subparsers):
     parser = subparsers.add_parser("transfer", help="converted GPT-2/ViT → AFT vs the same AFT from scratch",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, run=run)  # scripts/benchmark.py dispatches on args.run
     return parser
 
 
@@ -241,6 +242,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--out-dir", default=str(REPO_ROOT / "docs" / "benchmarks"),
+                        help="where transfer.md and transfer.png go ('' to skip the report)")
     parser.add_argument("--log_every", type=int, default=25, help="print the training loss every N steps (0: never)")
 
 
@@ -282,7 +285,61 @@ def run(args) -> dict:
         print("\n".join(_image_rows(results["image"])))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.out_dir:
+        write_transfer_report(args, results)
     return results
+
+
+def _smoothed(values: list[float], width: int) -> list[float]:
+    """Trailing mean over `width` steps: single minibatch losses are too noisy to compare curves by eye."""
+    return [sum(values[max(0, i + 1 - width): i + 1]) / (i + 1 - max(0, i + 1 - width)) for i in range(len(values))]
+
+
+def write_transfer_report(args, results: dict) -> None:
+    """docs/benchmarks/transfer.md (settings, tables, gap closed) and transfer.png (training-loss curves)."""
+    import bench_models
+
+    args.device = "cpu"  # bench_models' header names the device; this benchmark is CPU-only
+    lines = bench_models.header("Transfer: pretrained GPT-2 / ViT → AFT vs the same AFT from scratch", args)
+    lines += [f"Variant AFT-{args.variant}. Each converted row names its Q/K initialisation (`copy`: the source "
+              "attention's projection; K `mean`: AFT-conv's one key channel per head is the mean of that head's K "
+              "rows; `random`: re-initialised); position biases start at zero. Converted and scratch models share "
+              "the seed, batches, AdamW (β 0.9/0.95, wd 0.01), linear warm-up over 10% of the steps then cosine "
+              "decay to 10%, grad clip 1.", ""]
+    if "text" in results:
+        text = results["text"]
+        lines += [f"## Text: `gpt2-char-shakespeare` → AFT causal LM",
+                  "", f"{text['steps']} steps of {text['batch']}×{text['seq_len']} bytes of the first 90% of "
+                  "tinyshakespeare, lr " f"{text['lr']:g}; held-out bits/byte on the last 10% "
+                  f"(non-overlapping {text['seq_len']}-byte windows).", "", *_text_rows(text), ""]
+        if "gap_closed" in text:
+            lines += [f"Fraction of the scratch → teacher gap closed by starting from GPT-2: "
+                      f"**{text['gap_closed']:.3f}** ((scratch − converted) / (scratch − teacher)).", ""]
+    if "image" in results:
+        image = results["image"]
+        lines += [f"## Image: `vit-mnist5k` → AFT image classifier", "",
+                  f"{image['epochs']:g} epoch(s) = {image['steps']} steps of {image['batch']} of the 4,500 training "
+                  f"digits, lr {image['lr']:g}; accuracy and loss on the 500 held-out digits.", "",
+                  *_image_rows(image), ""]
+    lines += ["![training losses](transfer.png)"]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_path = out_dir / "transfer.md"
+    text_path.write_text("\n".join(lines) + "\n")
+    print(f"[written {text_path}]")
+
+    plt = bench_models.pyplot()
+    panels = [(task, results[task]) for task in ("text", "image") if task in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (task, result) in zip(axes[0], panels):
+        for name, run in result["runs"].items():
+            ax.plot(_smoothed(run["train_losses"], 10), label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats, mean of the last 10 steps)")
+        ax.set_title({"text": "GPT-2 → AFT LM (Shakespeare)", "image": "ViT → AFT classifier (MNIST)"}[task])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "transfer.png", dpi=110)
 
 
 def main(argv=None):
