@@ -41,9 +41,10 @@ __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d"]
 
 # Tunables, read at call time (tests lower them to exercise the multi-segment / multi-block paths).
 SEGMENT_SIZE = 512         # at most this many rows per segment of the causal scans; fewer are used so
-SEGMENT_ELEMENTS = 1 << 16  # that one segment's X buffer holds about this many numbers (working set
-                            # ~1 MiB: cache-resident, and peak memory stays near that of SDPA), but at
-                            # least 8 band widths (the band's halo is recomputed in every segment)
+SEGMENT_ELEMENTS = 1 << 18  # that one segment's X buffer holds about this many numbers (1 MiB in fp32: each
+                            # segment costs ~15 eager ops of Python overhead, so at 1 << 16 AFT-simple spent
+                            # 40% of its time there; the price is a few MiB of peak memory), but at least
+                            # 8 band widths (the band's halo is recomputed in every segment)
 CHUNK_SIZE = 16            # rows per chunk: prefix and band sums inside a segment are (chunk x window) matmuls
 FULL_BLOCK_SIZE = 512      # row / key block of aft_full
 EXACT_DEN_THRESHOLD = 1e-20   # den (under the shift) below this: the row lost terms to underflow -> exact

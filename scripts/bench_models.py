@@ -314,6 +314,8 @@ def train_child(job: dict) -> dict:
         return {"peak_bytes": peak, "exact": exact, "step_s": seconds, "params": count_params(model)}
 
     models = {m: build_model(m, spec, job["T"], job["seed"]).to(device).train() for m in job["models"]}
+    if job["mode"] == "profile":
+        return {m: profile_step(model, ids, device) for m, model in models.items()}
     times: dict[str, list[float]] = {m: [] for m in models}
     wall: dict[str, list[float]] = {m: [] for m in models}
     cpu_clock = uses_cpu_clock(device, job.get("threads") or 0)
@@ -332,6 +334,34 @@ def train_child(job: dict) -> dict:
             if watch.wall > job["time_cap"]:
                 dropped[m] = f"step {watch.wall:.0f}s > time cap"
     return {"times": times, "wall": wall, "dropped": dropped}
+
+
+# Profiler self-time categories: where one training step goes. Matmuls are what AFT and GPT-2 share (projections, MLP,
+# LM head); "attention" is SDPA's fused kernels forward and backward (GPT-2 only).
+PROFILE_CATEGORIES = (
+    ("attention (SDPA fwd+bwd)", ("scaled_dot_product", "flash_attention", "efficient_attention", "_cudnn_attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+)
+OTHER_CATEGORY = "everything else (elementwise, norms, scans, copies, autograd)"
+
+
+def profile_step(model, ids, device: str) -> dict:
+    """Share of one fwd+bwd step's op self-time per PROFILE_CATEGORIES entry (after one warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _train_step(model, ids)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        _train_step(model, ids)
+        synchronize(device)
+    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    shares = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + [OTHER_CATEGORY], 0.0)
+    for event in prof.key_averages():
+        category = next((name for name, keys in PROFILE_CATEGORIES if any(k in event.key for k in keys)),
+                        OTHER_CATEGORY)
+        shares[category] += getattr(event, attr)
+    total = sum(shares.values()) or 1.0
+    return {name: value / total for name, value in shares.items()}
 
 
 def _run_child(job: dict, timeout: float, mem_cap: float | None, inprocess: bool) -> dict:
@@ -437,7 +467,18 @@ def cmd_train(args):
         summarize_train_setting(entry, T)
         log("[train]   " + ", ".join(f"{m}: {entry['models'][m].get('tokens_per_s', 0):.0f} tok/s"
                                      for m in args.models if "tokens_per_s" in entry["models"][m]))
-    report_train(args, results)
+    profiles = {}
+    for T in args.profile_T:
+        alive = [m for m in args.models if "tokens_per_s" in results.get((args.widths[0], T), {}).get("models", {})
+                 .get(m, {})]
+        if alive:
+            log(f"[train] width={args.widths[0]} T={T}: profiling one step of {', '.join(alive)}")
+            job = {"device": args.device, "spec": model_spec(args), "seed": args.seed, "batch": max(1, args.tokens // T),
+                   "T": T, "threads": args.threads, "mode": "profile", "models": alive}
+            res = _run_child(job, 120.0 + 6 * args.time_cap * len(alive), mem_cap, args.inprocess)
+            if "error" not in res:
+                profiles[T] = res
+    report_train(args, results, profiles)
     return results
 
 
@@ -456,7 +497,28 @@ def summarize_train_setting(entry: dict, T: int):
             res["mem_vs_gpt2"] = res["peak_bytes"] / ref["peak_bytes"] if ref.get("peak_bytes") else None
 
 
-def report_train(args, results):
+def profile_lines(args, profiles: dict) -> list[str]:
+    """The profiler's split of one step per model, and what it bounds: with a free attention, GPT-2's step would
+    shrink by the attention share, so no model that keeps GPT-2's projections and MLP can be faster than
+    1 / (1 - share) times GPT-2."""
+    spec = model_spec(args)
+    lines = []
+    for T, per_model in profiles.items():
+        categories = list(next(iter(per_model.values())))
+        head = ["model"] + categories
+        rows = [[label(m, spec)] + [f"{100 * shares[c]:.0f} %" for c in categories] for m, shares in per_model.items()]
+        lines += ["", f"## Where one step's time goes (width {args.widths[0]}, T={T}; torch.profiler op self-time)", ""]
+        lines += md_table(head, rows)
+        attention = per_model.get("gpt2", {}).get(categories[0])
+        if attention is not None and attention < 1:
+            lines += ["", f"GPT-2 spends {100 * attention:.0f} % of its step in attention. An AFT model keeps GPT-2's "
+                      "projections, MLP, norms and LM head, so even an AFT operator that cost nothing would run at "
+                      f"most 1 / (1 − {attention:.2f}) = **{1 / (1 - attention):.2f}x** GPT-2's tokens/s at this size "
+                      "and T."]
+    return lines
+
+
+def report_train(args, results, profiles=None):
     spec = model_spec(args)
     models = args.models
     cpu_clock = uses_cpu_clock(args.device, args.threads)
@@ -517,6 +579,7 @@ def report_train(args, results):
         lines += ["", "Parameters (at the largest T run; AFT-full/local's bias u, vᵀ grows with T): "
                   + "; ".join(f"width {w}: " + ", ".join(f"{label(m, spec)} {n / 1e6:.2f}M" for m, n in p.items())
                               for w, p in params.items())]
+    lines += profile_lines(args, profiles or {})
     plot_train(args, results)
     lines += ["", f"![training benchmark]({plot_path(args, 'train').name})"]
     write_report(args, "train", lines)
@@ -939,6 +1002,8 @@ def add_parsers(subparsers):
     p.add_argument("--mem-cap-gb", type=float, default=8.0, help="kill a CPU measurement past this RSS (0: no cap)")
     p.add_argument("--inprocess", action="store_true",
                    help="measure in this process instead of fresh subprocesses (quick checks; memory less exact)")
+    p.add_argument("--profile-T", type=int, nargs="*", default=[1024, 4096],
+                   help="profile one step of each model at these T (first width): where the time goes")
     p.set_defaults(func=cmd_train, run=cmd_train, hidden=None)
 
     p = subparsers.add_parser("generate", help="ms per decoded token and cache bytes vs context length")

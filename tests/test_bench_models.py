@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_models.py"
 
@@ -31,12 +32,24 @@ def test_add_parsers_registers_subcommands(bench):
 def test_train_inprocess(bench, tmp_path):
     results = bench.main(["train", "--inprocess", "--widths", "16", "32", "--T", "16", "--wide-T", "8",
                           "--tokens", "32", "--repeats", "1", "--models", "aft-local", "aft-conv", "gpt2",
-                          "--out-dir", str(tmp_path), *TINY])
+                          "--profile-T", "16", "--out-dir", str(tmp_path), *TINY])
     text = (tmp_path / "train_cpu.md").read_text()
     assert (tmp_path / "train_cpu.png").stat().st_size > 0
     assert "AFT-local-4" in text and "GPT-2" in text and "Command:" in text
     cell = results[(16, 16)]["models"]["aft-conv"]
     assert cell["tokens_per_s"] > 0 and cell["speed_vs_gpt2"] > 0 and "peak_bytes" in cell
+    assert "Where one step's time goes (width 16, T=16" in text and "GPT-2 spends" in text
+
+
+def test_profile_step_splits_the_step(bench):
+    spec = bench.model_spec(argparse.Namespace(hidden=16, layers=1, window=4, rank=4, aft_heads=2, gpt2_heads=2,
+                                               gpt2_act="gelu", aft_positions="none"))
+    ids = torch.randint(0, 256, (2, 32))
+    shares = {m: bench.profile_step(bench.build_model(m, spec, 32), ids, "cpu") for m in ("gpt2", "aft-conv")}
+    for split in shares.values():
+        assert abs(sum(split.values()) - 1) < 1e-6 and split["matmul"] > 0
+    attention = bench.PROFILE_CATEGORIES[0][0]
+    assert shares["gpt2"][attention] > 0 and shares["aft-conv"][attention] == 0
 
 
 def test_train_child_subprocess_and_caps(bench):
