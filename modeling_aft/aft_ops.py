@@ -157,6 +157,44 @@ def _band_from_factors(u, v, T, d_lo, d_hi, C=32):
     return band.reshape(n * C, nb)[:T]
 
 
+class _BandOfMatrix(torch.autograd.Function):
+    """(G, T, nb) band of a dense bias w (G, T', T'): slot j of row t = w[g, t, t - d], d = d_lo + j (the key is
+    clamped into [0, T): such slots lie outside the sequence and the caller masks them).
+
+    The gradient is one zero-filled (G, T', T') buffer with the band written through a strided view (rows whose
+    whole band lies inside the sequence) and a small index_put_ (the others): autograd's scatter-add of an
+    advanced index into a dense T' x T' gradient cost as much as the rest of AFT-local's fwd+bwd.
+    """
+
+    @staticmethod
+    def forward(ctx, w, T, d_lo, d_hi):
+        key = _band_keys(T, d_lo, d_hi, w.device)
+        ctx.geometry = (w.shape, T, d_lo, d_hi)
+        return w[:, torch.arange(T, device=w.device)[:, None].expand_as(key), key.clamp(0, T - 1)]
+
+    @staticmethod
+    def backward(ctx, grad_band):
+        shape, T, d_lo, d_hi = ctx.geometry
+        G, side = shape[0], shape[-1]
+        grad = grad_band.new_zeros(shape)
+        r0, r1 = d_hi, T + d_lo  # rows t whose keys t - d_hi .. t - d_lo all lie in [0, T)
+        if r1 > r0:
+            # element (t, t - d) sits at t * (side + 1) - d: slots in reverse order are contiguous within a row
+            band_view = grad.as_strided((G, r1 - r0, d_hi - d_lo + 1), (side * side, side + 1, 1),
+                                        grad.storage_offset() + r0 * (side + 1) - d_hi)
+            band_view.copy_(grad_band[:, r0:r1].flip(-1))
+        key = _band_keys(T, d_lo, d_hi, grad.device)
+        t = torch.arange(T, device=grad.device)[:, None].expand_as(key)
+        edge = ((t < r0) | (t >= r1)) & (key >= 0) & (key < T)
+        grad[:, t[edge], key[edge]] = grad_band[:, edge]
+        return grad, None, None, None
+
+
+def _band_keys(T, d_lo, d_hi, device):
+    """(T, nb) key t - d of row t, slot j (d = d_lo + j); may fall outside [0, T)."""
+    return torch.arange(T, device=device)[:, None] - torch.arange(d_lo, d_hi + 1, device=device)[None, :]
+
+
 def _no_autocast(device_type):
     """The body runs in float32 (float64 stays): autocast must not push its matmuls back to 16 bits."""
     return torch.autocast(device_type=device_type, enabled=False)
@@ -862,13 +900,12 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
         # the band as diagonals: slot j of row t is w[g, t, t - d], d = d_lo + j. Gathered straight
         # from pos_bias, so its gradient is a single T' x T' buffer; from factors, it is never T x T.
-        t = torch.arange(T, device=q.device)[:, None]
-        key = t - torch.arange(d_lo, d_hi + 1, device=q.device)[None, :]  # (T, nb)
+        key = _band_keys(T, d_lo, d_hi, q.device)  # (T, nb)
         inside = (key >= 0) & (key < T)
         if factors is not None:
             band = _band_from_factors(*(_up(f, dt) for f in factors), T, d_lo, d_hi)[None]  # (1, T, nb)
         else:
-            band = wh[:, t.expand_as(key), key.clamp(0, T - 1)].to(dt)  # (G, T, nb)
+            band = _BandOfMatrix.apply(wh, T, d_lo, d_hi).to(dt)  # (G, T, nb)
 
         def dense_bias(pos, Tk):
             if factors is not None:  # only the rows the exact path recomputes

@@ -510,12 +510,17 @@ def profile_lines(args, profiles: dict) -> list[str]:
         lines += ["", f"## Where one step's time goes (width {args.widths[0]}, T={T}; torch.profiler op self-time)", ""]
         lines += md_table(head, rows)
         attention = per_model.get("gpt2", {}).get(categories[0])
-        if attention is not None and attention < 1:
+        if attention is not None and attention < 1 and args.gpt2_attn == "sdpa":  # eager attention is plain matmuls
             lines += ["", f"GPT-2 spends {100 * attention:.0f} % of its step in attention. An AFT model keeps GPT-2's "
                       "projections, MLP, norms and LM head, so even an AFT operator that cost nothing would run at "
                       f"most 1 / (1 − {attention:.2f}) = **{1 / (1 - attention):.2f}x** GPT-2's tokens/s at this size "
                       "and T."]
     return lines
+
+
+def train_stem(args) -> str:
+    """train_<device>.md for the issue's baseline (GPT-2 with SDPA); other GPT-2 kernels get their own files."""
+    return "train" if args.gpt2_attn == "sdpa" else f"train_gpt2_{args.gpt2_attn}"
 
 
 def report_train(args, results, profiles=None):
@@ -581,8 +586,8 @@ def report_train(args, results, profiles=None):
                               for w, p in params.items())]
     lines += profile_lines(args, profiles or {})
     plot_train(args, results)
-    lines += ["", f"![training benchmark]({plot_path(args, 'train').name})"]
-    write_report(args, "train", lines)
+    lines += ["", f"![training benchmark]({plot_path(args, train_stem(args)).name})"]
+    write_report(args, train_stem(args), lines)
 
 
 def plot_train(args, results):
@@ -610,7 +615,7 @@ def plot_train(args, results):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(plot_path(args, "train"), dpi=110)
+    fig.savefig(plot_path(args, train_stem(args)), dpi=110)
     plt.close(fig)
 
 
