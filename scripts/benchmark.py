@@ -34,17 +34,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def single_thread_cpu(device) -> bool:
+    """On the CPU with one torch thread all the work (the autograd backward too) runs on the calling thread, so its
+    CPU time is the time on an idle core: the time other jobs of a shared machine hold the core is left out."""
+    return not str(device).startswith("cuda") and torch.get_num_threads() == 1
+
+
 def time_fn(fn, warmup=1, repeat=5, device="cpu"):
-    """Wall-clock milliseconds of fn(), one entry per repeat (after `warmup` untimed calls)."""
+    """Milliseconds of fn(), one entry per repeat (after `warmup` untimed calls): the calling thread's CPU time
+    where single_thread_cpu(device), else wall clock."""
+    clock = time.thread_time if single_thread_cpu(device) else time.perf_counter
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return times
 
 
@@ -366,18 +374,21 @@ def ops_report(results, skipped, args):
         "one (T, D) output, i.e. the bytes any of these operators must move at least."
         % (args.dim, OPS_HEADS, args.dim // OPS_HEADS, OPS_LOCAL_WINDOW, OPS_CONV_HEADS, OPS_CONV_SIZE),
         "",
-        "Times are medians of %d interleaved runs (wall clock, after one warm-up run of each). Peak memory "
+        "Times are medians of %d interleaved runs (%s, after one warm-up run of each). Peak memory "
         "is the largest amount of memory allocated and not yet freed during one call, from the profiler's "
         "allocation events (outputs and gradients count, pre-existing inputs do not). Speed-ups are SDPA "
-        "time / op time." % args.repeat,
+        "time / op time." % (args.repeat, "CPU time of the one torch thread, i.e. the time on an idle core: the "
+                             "time other jobs of this shared machine held the core is left out"
+                             if single_thread_cpu(args.device) else "wall clock"),
         "",
         "Machine:",
         "",
         *machine_description(args.device),
         "- glibc asked to keep freed memory (mallopt): %s — see `keep_freed_memory()` in the script"
         % ("yes" if getattr(args, "malloc_note", False) else "no"),
-        "- The 2 CPUs are shared with other jobs: absolute times moved by up to 2x between runs while this "
-        "was written (SDPA at T=8192: 2.1-4.3 s), the ratios much less (aft_local at T=8192: 10-14x).",
+        "- The 2 CPUs are shared with other jobs: wall-clock times moved by up to 2x between runs while this "
+        "was written (SDPA at T=8192: 2.1-4.3 s); memory-bandwidth contention still reaches CPU time, so "
+        "expect ratios to move by ~10-20% from run to run.",
         "",
         table,
         "",
@@ -392,7 +403,7 @@ def add_ops_arguments(p):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--ops", nargs="+", default=None, help="only these candidates (default: all)")
     p.add_argument("--time-cap", type=float, default=120.0,

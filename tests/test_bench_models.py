@@ -1,4 +1,5 @@
-"""Smoke tests of scripts/bench_models.py: every subcommand's code path on tiny models (seconds, not minutes)."""
+"""Smoke tests of the benchmarks (scripts/bench_models.py, scripts/benchmark.py ops): every subcommand's code path on
+tiny sizes (seconds, not minutes)."""
 
 import argparse
 import importlib.util
@@ -7,15 +8,33 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_models.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("bench_models")
+
+
+def test_ops_benchmark_tiny(tmp_path):
+    ops_bench = _load("benchmark")
+    parser = argparse.ArgumentParser()
+    ops_bench.add_ops_arguments(parser)
+    out = tmp_path / "ops.md"
+    args = parser.parse_args(["--seq-lens", "32", "48", "--dim", "16", "--repeat", "1", "--threads", "1",
+                              "--out", str(out)])
+    results = ops_bench.run_ops(args)
+    for name in ("sdpa", "aft_full", "aft_local", "aft_local_factorized", "aft_simple", "aft_conv1d"):
+        assert results[(name, 48)]["fwd_bwd_ms"] > 0 and results[(name, 48)]["mem_fwd_bwd_mb"] > 0
+    text = out.read_text()
+    assert "## Targets" in text and "CPU time of the one torch thread" in text and "| 48 | aft_simple |" in text
 
 
 TINY = ["--layers", "1", "--window", "4", "--rank", "4", "--aft-heads", "2", "--gpt2-heads", "2"]
