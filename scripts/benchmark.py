@@ -310,27 +310,30 @@ def ops_targets(results, seq_lens):
 OPS_WHY = """\
 Notes (what limits each number, and what would change it):
 - aft_full / aft_local take a dense (T, T) pos_bias, so their backward hands back a dense (T, T)
-  gradient: 4 T^2 bytes (256 MiB at T=8192) written from scratch every step. That is most of their
-  fwd+bwd peak memory, and on this VM also a large share of aft_local's backward time (first-touching
-  that much memory is slow here: `torch.zeros_like` of an 8192^2 float tensor took 0.1-2 s depending
-  on the load). The `aft_local_fixed_bias` row is the same call without that gradient. The
-  `aft_local_factorized` row passes the factors (u, v) of w = u vᵀ (rank 128), as AFTForCausalLM does:
-  the band is computed diagonal by diagonal from u and v, and neither the bias nor its gradient is T x T. aft_full also keeps Z and den
-  (2 x (T, D)) for its backward (one E @ X product fewer), and works on 512 x 512 tiles of E and
-  512 x 2D tiles of [P V, P] (~7 MiB), which is its forward overhead over SDPA. aft_local's forward
-  holds the band gathered from pos_bias and its weights (a few (T, window) tensors, 1 MiB each at
-  T=8192) and segments of 256 rows (each segment recomputes a band-wide halo, so they are longer).
+  gradient: 4 T^2 bytes (256 MiB at T=8192) zero-filled and written every step. That is most of their
+  fwd+bwd peak memory and, for aft_local, a third of its fwd+bwd time (the band itself is written
+  through one strided view). The `aft_local_fixed_bias` row is the same call without that gradient.
+  The `aft_local_factorized` row passes the factors (u, v) of w = u vᵀ (rank 128), as AFTForCausalLM
+  does: the band comes from one batched matmul per chunk of 32 rows against the rows of v it reads,
+  and neither the bias nor its gradient is T x T (its u, v gradients are what it holds above SDPA).
+  aft_full also keeps Z and den (2 x (T, D)) for its backward (one E @ X product fewer), and works on
+  512 x 512 tiles of E and 512 x 2D tiles of [P V, P] (~7 MiB), which is its forward overhead over
+  SDPA. aft_local's forward holds the band and its weights (a few (T, window) tensors, 1 MiB each at
+  T=8192) and keeps Z and den for the backward, which then skips re-running the scan.
 - aft_simple / aft_conv1d peak memory: SDPA's fused CPU kernel holds its output plus ~0.8 MiB of
-  per-thread scratch. The AFT scans hold the output plus one segment's buffers (64-256 rows of
-  [P V, P]) and, for a backward, each segment's entering carry: a few MiB more, i.e. within a few
-  percent of SDPA at large T (equal or below for aft_simple's forward at T >= 8192, and for
-  aft_conv1d's fwd+bwd at T >= 4096) but above it at small T. Smaller segments trade this for speed.
+  per-thread scratch. The AFT scans hold the output plus one segment's buffers (up to 2^18 numbers
+  of [P V, P] per buffer, 1 MiB) and, for a backward, each segment's entering carry: a few MiB more,
+  i.e. within ~2-15% of SDPA at T >= 4096 but well above it at small T. Smaller segments would trade
+  this back for speed: at 2^16 numbers per segment aft_simple's fwd+bwd was 1.5x slower at T=8192
+  (per-segment Python/dispatch overhead), for 1-3 MiB less.
 - aft_simple forward vs the probe: the probe is one fused elementwise kernel. In eager PyTorch the
-  stable scan is ~12 separate kernels (exp, multiply, a chunked triangular matmul for the prefix sums,
-  the carry add, divide, sigmoid, multiply, the underflow check), each a pass over (T, D) data, plus
-  per-segment dispatch overhead. Reaching ~3x needs those fused into one loop (a C++/Triton kernel or
-  torch.compile); torch.compile of the read-out alone measured ~1.7x faster here, but costs ~35 s of
-  compilation per shape family and a C++ toolchain, so the package does not use it.
+  stable scan is ~12 separate kernels (running max, exp, multiply, a chunked triangular matmul for
+  the prefix sums, the carry add, divide, sigmoid, multiply, the underflow check), each a pass over
+  (T, D) data, plus per-segment dispatch overhead. Reaching ~3x needs those fused into one loop (a
+  C++/Triton kernel or torch.compile); torch.compile of the read-out alone measured ~1.7x faster here,
+  but costs ~35 s of compilation per shape family and a C++ toolchain, so the package does not use it.
+  A first C++ online-softmax scan (load_inline, one pass) was not vectorized by gcc and was no faster
+  than the eager scan; not pursued further.
 - Threads: measured with --threads 1. The 2 vCPUs were shared with other jobs (load average up to
   ~10 during this work): with 2 threads every OpenMP region waits for whichever thread is descheduled,
   which hits operators made of many short kernels far harder than one long SDPA kernel (aft_simple at
