@@ -28,7 +28,8 @@ small matrix products (torch.cumsum is a slow strided loop on CPU; a C x C trian
 Causal simple/local/conv1d and aft_full have hand-written backward passes that recompute per segment /
 block instead of storing activations.
 
-Only stdlib and torch are imported: this folder is copied next to checkpoints (trust_remote_code).
+Only stdlib, torch and the sibling aft_kernels are imported: this folder is copied next to checkpoints
+(trust_remote_code).
 """
 
 import math
@@ -36,6 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .aft_kernels import fused_causal_simple
 
 __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d"]
 
@@ -862,7 +865,8 @@ def _linear_variant(q, k, v, w, inside, groups, d_lo, d_hi, causal, key_mask, de
 def aft_simple(q, k, v, *, causal=False, key_mask=None):
     """AFT-simple (w = 0): Y_t = sigmoid(Q_t) * softmax over keys (per feature) of K, applied to V.
 
-    q, k, v (B, T, D); causal: keys t' <= t (a stable prefix scan). O(T D) time and memory.
+    q, k, v (B, T, D); causal: keys t' <= t (a stable prefix scan). O(T D) time and memory. Causal calls on
+    the CPU in float32 that need no gradient run the fused one-pass kernel of aft_kernels when it is available.
     """
     _check_qkv(q, k, v)
     B, T, D = q.shape
@@ -871,8 +875,10 @@ def aft_simple(q, k, v, *, causal=False, key_mask=None):
     dt = _compute_dtype(q, k, v)
     with _no_autocast(q.device.type):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
-        zero = lambda pos, Tk: qf.new_zeros(pos.numel(), 1, Tk)
-        y = _linear_variant(qf, kf, vf, None, None, 1, 0, -1, causal, key_mask, zero)
+        y = fused_causal_simple(qf, kf, vf, key_mask) if causal else None  # inference on the CPU: one pass
+        if y is None:
+            zero = lambda pos, Tk: qf.new_zeros(pos.numel(), 1, Tk)
+            y = _linear_variant(qf, kf, vf, None, None, 1, 0, -1, causal, key_mask, zero)
     return y.to(q.dtype)
 
 

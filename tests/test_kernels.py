@@ -1,0 +1,127 @@
+"""The fused CPU kernel for causal AFT-simple inference (modeling_aft/aft_kernels.py) vs the float64 reference and
+the eager scan, and when aft_simple uses it."""
+
+import pytest
+import torch
+
+import aft_reference as ref
+from modeling_aft import aft_kernels, aft_ops
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not aft_kernels.fused_causal_simple_available():
+        pytest.skip("the fused kernel could not be compiled here (needs a C++ compiler and ninja); "
+                    "aft_simple then runs its eager scan, which tests/test_ops.py covers")
+    return aft_kernels._module
+
+
+class Spy:
+    """Stands in for the compiled module and counts the calls that reach it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def causal_simple_forward(self, *args):
+        self.calls += 1
+        return self.module.causal_simple_forward(*args)
+
+
+@pytest.fixture
+def spy(kernel, monkeypatch):
+    spy = Spy(kernel)
+    monkeypatch.setattr(aft_kernels, "_module", spy)
+    return spy
+
+
+def _eager(q, k, v, key_mask=None):
+    """aft_simple with the fused path switched off."""
+    original = aft_ops.fused_causal_simple
+    aft_ops.fused_causal_simple = lambda *args: None
+    try:
+        return aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+    finally:
+        aft_ops.fused_causal_simple = original
+
+
+def _inputs(B, T, D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, D, generator=gen) for _ in range(3)]
+
+
+MASKS = {
+    "none": None,
+    "left_padding": torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]),
+    "right_padding": torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1, 1]]),
+    "fully_masked_row": torch.tensor([[0, 0, 0, 0, 0, 0, 0], [1, 0, 1, 0, 1, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
+@pytest.mark.parametrize("D", [1, 19, 300])  # a single feature, not a vector multiple, two 256-feature slices
+def test_fused_equals_reference_and_eager(spy, mask, D):
+    q, k, v = _inputs(2, 7, D)
+    key_mask = MASKS[mask]
+    with torch.no_grad():
+        fused = aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+    assert spy.calls == 1
+    expected = ref.ref_aft_simple(q.double(), k.double(), v.double(), causal=True, key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, _eager(q, k, v, key_mask), atol=1e-5, rtol=1e-5)
+    if mask == "fully_masked_row":
+        assert torch.equal(fused[0], torch.zeros_like(fused[0]))
+
+
+def test_fused_is_stable_for_extreme_inputs(spy):
+    q, k, v = _inputs(1, 64, 16, seed=1)
+    k[:, 0], k[:, 1:] = 0.0, 1e4  # the first key is exp(-1e4) below every later one: rows must not mix them
+    k[:, 40:, :8] = -1e4
+    q[:, ::2] *= 1e3  # saturated gates
+    key_mask = torch.ones(1, 64, dtype=torch.long)
+    key_mask[:, 20:30] = 0
+    k[:, 20:30] = 3e4  # masked keys far above the others must not move the running maximum
+    with torch.no_grad():
+        fused = aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+    assert spy.calls == 1 and torch.isfinite(fused).all()
+    expected = ref.ref_aft_simple(q.double(), k.double(), v.double(), causal=True, key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_long_sequence_matches_eager(spy):
+    q, k, v = _inputs(2, 3000, 40, seed=2)
+    k = k * 20  # a wide spread of keys: the running maximum moves often
+    with torch.no_grad():
+        fused = aft_ops.aft_simple(q, k, v, causal=True)
+    assert spy.calls == 1
+    torch.testing.assert_close(fused, _eager(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_inputs_run_fused_in_float32(spy):
+    q, k, v = (x.bfloat16() for x in _inputs(2, 9, 24, seed=3))
+    with torch.no_grad():
+        fused = aft_ops.aft_simple(q, k, v, causal=True)
+    assert spy.calls == 1 and fused.dtype == torch.bfloat16
+    expected = ref.ref_aft_simple(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_training_and_non_causal_calls_stay_eager(spy):
+    q, k, v = (x.requires_grad_() for x in _inputs(1, 5, 8, seed=4))
+    out = aft_ops.aft_simple(q, k, v, causal=True)
+    out.sum().backward()  # the eager scan's custom backward
+    with torch.no_grad():
+        aft_ops.aft_simple(q, k, v, causal=False)
+        aft_ops.aft_simple(q.double(), k.double(), v.double(), causal=True)
+    assert spy.calls == 0 and q.grad is not None
+    with torch.no_grad():  # the same causal float32 call without a gradient does take the kernel
+        aft_ops.aft_simple(q, k, v, causal=True)
+    assert spy.calls == 1
+
+
+def test_env_switch_disables_the_kernel(kernel, monkeypatch):
+    monkeypatch.setenv("AFT_FUSED_KERNELS", "0")
+    monkeypatch.setattr(aft_kernels, "_module", None)
+    q, k, v = _inputs(1, 4, 4)
+    with torch.no_grad():
+        assert aft_kernels.fused_causal_simple(q, k, v) is None
+    assert not aft_kernels.fused_causal_simple_available()
