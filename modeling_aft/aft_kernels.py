@@ -20,6 +20,7 @@ Only stdlib and torch are imported: this folder is copied next to checkpoints (t
 
 import os
 import shutil
+import sysconfig
 import threading
 import warnings
 
@@ -140,14 +141,11 @@ def _load():
 
 
 def _put_ninja_on_path():
-    """torch runs `ninja` from PATH; the pip package's binary sits in the environment's bin, which is not on PATH
-    when the interpreter is called by its full path (as `make test` does)."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-        except ImportError:
-            return
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    """torch runs `ninja` from PATH; pip puts the ninja package's launcher in this environment's scripts folder,
+    which is not on PATH when the interpreter is called by its full path (as `make test` does)."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
 def fused_causal_simple_available() -> bool:
