@@ -66,23 +66,23 @@ static void scan_slice(const float* __restrict q, const float* __restrict k, con
     const float* __restrict vr = v + t * D;
     const float* __restrict qr = q + t * D;
     float* __restrict yr = y + t * D;
-    const bool use = valid == nullptr || valid[t];
-    const float weight = use ? 1.f : 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      const float kj = use ? kr[j] : none;  // a masked key neither moves m nor adds anything
-      const float diff = kj - m[j];
-      const float ex = exp_nonpos(-std::fabs(diff));
-      const float rescale = diff > 0.f ? ex : 1.f;
-      const float add = (diff > 0.f ? 1.f : ex) * weight;
-      num[j] = num[j] * rescale + add * vr[j];
-      den[j] = den[j] * rescale + add;
-      m[j] = std::fmax(m[j], kj);
+    if (valid == nullptr || valid[t]) {  // a masked key leaves m, num and den as they are
+      for (int64_t j = 0; j < n; ++j) {
+        const float kj = kr[j];
+        const float diff = kj - m[j];
+        const float ex = exp_nonpos(-std::fabs(diff));
+        const float rescale = diff > 0.f ? ex : 1.f;
+        const float add = diff > 0.f ? 1.f : ex;
+        num[j] = num[j] * rescale + add * vr[j];
+        den[j] = den[j] * rescale + add;
+        m[j] = std::fmax(m[j], kj);
+      }
     }
     for (int64_t j = 0; j < n; ++j) {
       const float x = qr[j];
-      const float ez = exp_nonpos(-std::fabs(x));
-      const float gate = (x > 0.f ? 1.f : ez) / (1.f + ez);  // sigmoid without overflow
-      yr[j] = den[j] > 0.f ? gate * num[j] / den[j] : 0.f;
+      const float ez = exp_nonpos(-std::fabs(x));  // sigmoid(x) = (x > 0 ? 1 : ez) / (1 + ez), never overflows
+      const float gate = x > 0.f ? 1.f : ez;
+      yr[j] = den[j] > 0.f ? gate * num[j] / (den[j] * (1.f + ez)) : 0.f;
     }
   }
 }
@@ -131,7 +131,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v1", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v4", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward"], extra_cflags=_FLAGS, verbose=False)
             except Exception as error:  # no compiler, no ninja, a read-only cache: the eager path still works
                 _failed = True

@@ -326,14 +326,11 @@ Notes (what limits each number, and what would change it):
   i.e. within ~2-15% of SDPA at T >= 4096 but well above it at small T. Smaller segments would trade
   this back for speed: at 2^16 numbers per segment aft_simple's fwd+bwd was 1.5x slower at T=8192
   (per-segment Python/dispatch overhead), for 1-3 MiB less.
-- aft_simple forward vs the probe: the probe is one fused elementwise kernel. In eager PyTorch the
-  stable scan is ~12 separate kernels (running max, exp, multiply, a chunked triangular matmul for
-  the prefix sums, the carry add, divide, sigmoid, multiply, the underflow check), each a pass over
-  (T, D) data, plus per-segment dispatch overhead. Reaching ~3x needs those fused into one loop (a
-  C++/Triton kernel or torch.compile); torch.compile of the read-out alone measured ~1.7x faster here,
-  but costs ~35 s of compilation per shape family and a C++ toolchain, so the package does not use it.
-  A first C++ online-softmax scan (load_inline, one pass) was not vectorized by gcc and was no faster
-  than the eager scan; not pursued further.
+- aft_simple forward vs the probe: the probe is one fused elementwise kernel. The forward row runs
+  without gradients, so aft_simple takes the fused one-pass kernel of modeling_aft/aft_kernels.py
+  (an online-softmax scan, compiled on first use): it reads q, k, v once and writes y once, like the
+  probe, plus two vectorized polynomial exps per element. With a gradient (and without a compiler)
+  the eager scan runs instead: ~12 separate kernels, each a pass over (T, D), about 2-3x slower.
 - Threads: measured with --threads 1. The 2 vCPUs were shared with other jobs (load average up to
   ~10 during this work): with 2 threads every OpenMP region waits for whichever thread is descheduled,
   which hits operators made of many short kernels far harder than one long SDPA kernel (aft_simple at
