@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .aft_kernels import fused_causal_simple
+from .aft_kernels import fused_causal_conv1d, fused_causal_simple
 
 __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d"]
 
@@ -941,7 +941,8 @@ def aft_conv1d(q, k, v, kernel, *, causal=True, key_mask=None):
     Causal: kernel[i, j] is the bias for t - t' = j, 0 <= j < s. Non-causal: s odd, centred,
     kernel[i, j] is the bias for t - t' = j - s//2. Outside the kernel the bias is 0, so every position
     sees the whole (causal) context: out-of-kernel keys come from prefix (suffix) sums, the kernel
-    span from a convolution with exp(w): O(T s D) time, O(T D) memory.
+    span from a convolution with exp(w): O(T s D) time, O(T D) memory. Causal calls on the CPU in float32
+    that need no gradient run the fused kernel of aft_kernels when it is available.
     """
     _check_qkv(q, k, v)
     B, T, D = q.shape
@@ -960,8 +961,10 @@ def aft_conv1d(q, k, v, kernel, *, causal=True, key_mask=None):
         qf, kf, vf, kern = _up(q, dt), _up(k, dt), _up(v, dt), _up(kernel, dt)
         w = kern[:, lo - d_lo:hi - d_lo + 1].unsqueeze(1)  # (h, 1, nb)
         inside = torch.ones(1, hi - lo + 1, dtype=torch.bool, device=q.device)
-        dense_bias = lambda pos, Tk: _kernel_bias_1d(kern, d_lo, pos, Tk)
-        y = _linear_variant(qf, kf, vf, w, inside, h, lo, hi, causal, key_mask, dense_bias)
+        y = fused_causal_conv1d(qf, kf, vf, kern, key_mask) if causal else None  # inference on the CPU
+        if y is None:
+            dense_bias = lambda pos, Tk: _kernel_bias_1d(kern, d_lo, pos, Tk)
+            y = _linear_variant(qf, kf, vf, w, inside, h, lo, hi, causal, key_mask, dense_bias)
     return y.to(q.dtype)
 
 

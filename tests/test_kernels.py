@@ -1,5 +1,5 @@
-"""The fused CPU kernel for causal AFT-simple inference (modeling_aft/aft_kernels.py) vs the float64 reference and
-the eager scan, and when aft_simple uses it."""
+"""The fused CPU kernels for causal AFT-simple and AFT-conv inference (modeling_aft/aft_kernels.py) vs the float64
+references and the eager scans, and when the operators use them."""
 
 import pytest
 import torch
@@ -17,14 +17,18 @@ def kernel():
 
 
 class Spy:
-    """Stands in for the compiled module and counts the calls that reach it."""
+    """Stands in for the compiled module and counts the calls that reach it (`calls`: all, `conv_calls`: AFT-conv)."""
 
     def __init__(self, module):
-        self.module, self.calls = module, 0
+        self.module, self.calls, self.conv_calls = module, 0, 0
 
     def causal_simple_forward(self, *args):
         self.calls += 1
         return self.module.causal_simple_forward(*args)
+
+    def causal_conv1d_forward(self, *args):
+        self.conv_calls += 1
+        return self.module.causal_conv1d_forward(*args)
 
 
 @pytest.fixture
@@ -34,14 +38,16 @@ def spy(kernel, monkeypatch):
     return spy
 
 
-def _eager(q, k, v, key_mask=None):
-    """aft_simple with the fused path switched off."""
-    original = aft_ops.fused_causal_simple
-    aft_ops.fused_causal_simple = lambda *args: None
+def _eager(q, k, v, key_mask=None, kernel=None):
+    """aft_simple (or aft_conv1d with `kernel`) with the fused paths switched off."""
+    originals = aft_ops.fused_causal_simple, aft_ops.fused_causal_conv1d
+    aft_ops.fused_causal_simple = aft_ops.fused_causal_conv1d = lambda *args: None
     try:
-        return aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+        if kernel is None:
+            return aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+        return aft_ops.aft_conv1d(q, k, v, kernel, causal=True, key_mask=key_mask)
     finally:
-        aft_ops.fused_causal_simple = original
+        aft_ops.fused_causal_simple, aft_ops.fused_causal_conv1d = originals
 
 
 def _inputs(B, T, D, seed=0):
@@ -125,3 +131,53 @@ def test_env_switch_disables_the_kernel(kernel, monkeypatch):
     with torch.no_grad():
         assert aft_kernels.fused_causal_simple(q, k, v) is None
     assert not aft_kernels.fused_causal_simple_available()
+
+
+def _conv_inputs(B, T, heads, head_dim, size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, v = (torch.randn(B, T, heads * head_dim, generator=gen) for _ in range(2))
+    return q, torch.randn(B, T, heads, generator=gen) * 3, v, torch.randn(heads, size, generator=gen) * 3
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
+@pytest.mark.parametrize("heads, head_dim, size", [(1, 1, 1), (2, 5, 3), (3, 4, 9)])  # size 9 > T: a clipped kernel
+def test_fused_conv1d_equals_reference_and_eager(spy, mask, heads, head_dim, size):
+    q, k, v, kernel = _conv_inputs(2, 7, heads, head_dim, size)
+    key_mask = MASKS[mask]
+    with torch.no_grad():
+        fused = aft_ops.aft_conv1d(q, k, v, kernel, causal=True, key_mask=key_mask)
+    assert spy.conv_calls == 1
+    expected = ref.ref_aft_conv1d(q.double(), k.double(), v.double(), kernel.double(), causal=True, key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, _eager(q, k, v, key_mask, kernel), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_conv1d_is_stable_for_extreme_inputs(spy):
+    q, k, v, kernel = _conv_inputs(1, 80, 4, 3, 8, seed=5)
+    k[:, 0], k[:, 1:] = 0.0, 1e4
+    k[:, 50:, :2] = -1e4
+    kernel[0], kernel[1, ::2] = -1e3, 1e3  # the largest key meets a very negative bias, and the reverse
+    key_mask = torch.ones(1, 80, dtype=torch.long)
+    key_mask[:, 30:45] = 0
+    k[:, 30:45] = 3e4
+    with torch.no_grad():
+        fused = aft_ops.aft_conv1d(q, k, v, kernel, causal=True, key_mask=key_mask)
+    assert spy.conv_calls == 1 and torch.isfinite(fused).all()
+    expected = ref.ref_aft_conv1d(q.double(), k.double(), v.double(), kernel.double(), causal=True, key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_conv1d_long_sequence_matches_eager(spy):
+    q, k, v, kernel = _conv_inputs(2, 2000, 4, 16, 32, seed=6)
+    with torch.no_grad():
+        fused = aft_ops.aft_conv1d(q, k, v, kernel, causal=True)
+    assert spy.conv_calls == 1
+    torch.testing.assert_close(fused, _eager(q, k, v, kernel=kernel), atol=1e-5, rtol=1e-4)
+
+
+def test_conv1d_training_and_non_causal_calls_stay_eager(spy):
+    q, k, v, kernel = (x.requires_grad_() for x in _conv_inputs(1, 6, 2, 2, 3, seed=7))
+    aft_ops.aft_conv1d(q, k, v, kernel, causal=True).sum().backward()
+    with torch.no_grad():
+        aft_ops.aft_conv1d(q, k, v, kernel, causal=False)
+    assert spy.conv_calls == 0 and kernel.grad is not None
