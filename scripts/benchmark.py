@@ -321,11 +321,12 @@ Notes (what limits each number, and what would change it):
   SDPA. aft_local's forward holds the band and its weights (a few (T, window) tensors, 1 MiB each at
   T=8192) and keeps Z and den for the backward, which then skips re-running the scan.
 - aft_simple / aft_conv1d peak memory: SDPA's fused CPU kernel holds its output plus ~0.8 MiB of
-  per-thread scratch. The AFT scans hold the output plus one segment's buffers (up to 2^18 numbers
-  of [P V, P] per buffer, 1 MiB) and, for a backward, each segment's entering carry: a few MiB more,
-  i.e. within ~2-15% of SDPA at T >= 4096 but well above it at small T. Smaller segments would trade
-  this back for speed: at 2^16 numbers per segment aft_simple's fwd+bwd was 1.5x slower at T=8192
-  (per-segment Python/dispatch overhead), for 1-3 MiB less.
+  per-thread scratch. Their forward rows (no gradient) run the fused kernels of aft_kernels.py, which
+  hold the output plus a few (s + D/h) float buffers per head. With a gradient the eager scans hold
+  one segment's buffers (up to 2^18 numbers of [P V, P] per buffer, 1 MiB) and each segment's
+  entering carry: a few MiB above SDPA, i.e. within ~2-15% at T >= 4096 but well above it at small T.
+  Smaller segments would trade this back for speed: at 2^16 numbers per segment aft_simple's fwd+bwd
+  was 1.5x slower at T=8192 (per-segment Python/dispatch overhead), for 1-3 MiB less.
 - aft_simple forward vs the probe: the probe is one fused elementwise kernel. The forward row runs
   without gradients, so aft_simple takes the fused one-pass kernel of modeling_aft/aft_kernels.py
   (an online-softmax scan, compiled on first use): it reads q, k, v once and writes y once, like the
