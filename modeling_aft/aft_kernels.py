@@ -1,7 +1,8 @@
-"""Fused CPU kernels for the causal AFT-simple and AFT-conv forward when no gradient is needed (inference, prefill).
+"""Fused CPU kernels for the causal AFT-simple and AFT-conv operators, forward and backward.
 
-The eager scans in aft_ops make ~12 passes over (T, D) data (exp, multiply, chunked matmuls, divide, sigmoid, ...).
-Here one loop per (batch row, feature slice or head) walks t in order.
+The eager scans in aft_ops make ~12 passes over (T, D) data (exp, multiply, chunked matmuls, divide, sigmoid, ...)
+and keep a segment's buffers and carries for the backward. Here one loop per (batch row, feature slice or head) walks
+t in order.
 
 AFT-simple keeps a running maximum m, numerator and denominator (an online softmax):
 
@@ -12,13 +13,19 @@ exp(0)), so nothing underflows to 0/0.
 
 AFT-conv keeps the keys older than the kernel span in such a running prefix sum and adds the span's s keys per row
 with weights exp(k - max k) * exp(w - max(0, max w)) (both factors <= 1 and exact in float32); a row whose den would
-underflow (the largest key meeting a very negative bias) is redone with the single shift max(k + w).
+underflow (the largest key meets a very negative bias) is redone with the single shift max(k + w).
 
-In both, masked keys add exactly 0 and never move a maximum, and a row that has seen no valid key returns 0. The exp
-is a branch-free polynomial (Cody-Waite reduction, ~1 ulp) on non-positive arguments, which gcc vectorizes.
+The backward passes save nothing but the inputs: they rerun the forward scan, writing its per-row state (r = num /
+den, maxima, den) into the gradient buffers they are about to fill, then walk t backwards with a reverse scan
+rescaled by exp(m_t - m_{t+1}) <= 1, overwriting that state with dq, dk, dv row by row. A training step's operator
+memory is therefore y, dq, dk, dv (and, for AFT-conv, a few floats per row and head): what SDPA holds.
+
+In all of them masked keys add exactly 0 and never move a maximum, and a row that has seen no valid key returns 0
+(and passes no gradient on). The exp is a branch-free polynomial (Cody-Waite reduction, ~1 ulp) on non-positive
+arguments, which gcc vectorizes.
 
 The kernels are compiled on first use with torch.utils.cpp_extension.load_inline (needs a C++ compiler and ninja;
-~40 s once, then cached by torch). If that fails, or AFT_FUSED_KERNELS=0 is set, aft_ops keeps its eager path:
+~45 s once, then cached by torch). If that fails, or AFT_FUSED_KERNELS=0 is set, aft_ops keeps its eager path:
 results agree to float32 rounding either way (tests/test_kernels.py).
 
 Only stdlib and torch are imported: this folder is copied next to checkpoints (trust_remote_code).
@@ -31,6 +38,7 @@ import threading
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -58,9 +66,16 @@ static inline float exp_nonpos(float x) {
   return p * __builtin_bit_cast(float, bits);
 }
 
+// sigmoid(x) and sigmoid'(x) = sigmoid(x) (1 - sigmoid(x)) without overflow: ez = exp(-|x|) <= 1.
+static inline float sigmoid_of(float x, float ez) { return (x > 0.f ? 1.f : ez) / (1.f + ez); }
+static inline float sigmoid_slope(float ez) { return ez / ((1.f + ez) * (1.f + ez)); }
+
 // One batch row, features [0, n) of a row of D: t in order, so each row of q, k, v is one contiguous read.
+// Forward (m_out == nullptr): y = sigmoid(q) num / den. For the backward (m_out, den_out given): the ungated
+// r = num / den goes to y, and the running maximum and den of every row to m_out, den_out (same layout as y).
 static void scan_slice(const float* __restrict q, const float* __restrict k, const float* __restrict v,
-                       const bool* valid, float* __restrict y, int64_t L, int64_t D, int64_t n) {
+                       const bool* valid, float* __restrict y, int64_t L, int64_t D, int64_t n,
+                       float* __restrict m_out = nullptr, float* __restrict den_out = nullptr) {
   const float none = -1e30f;  // "no key yet": finite, so no inf - inf
   std::vector<float> state(3 * n);
   float* __restrict m = state.data();
@@ -84,11 +99,56 @@ static void scan_slice(const float* __restrict q, const float* __restrict k, con
         m[j] = std::fmax(m[j], kj);
       }
     }
+    if (m_out != nullptr) {
+      for (int64_t j = 0; j < n; ++j) {
+        yr[j] = den[j] > 0.f ? num[j] / den[j] : 0.f;
+        m_out[t * D + j] = m[j];
+        den_out[t * D + j] = den[j];
+      }
+      continue;
+    }
     for (int64_t j = 0; j < n; ++j) {
       const float x = qr[j];
-      const float ez = exp_nonpos(-std::fabs(x));  // sigmoid(x) = (x > 0 ? 1 : ez) / (1 + ez), never overflows
-      const float gate = x > 0.f ? 1.f : ez;
-      yr[j] = den[j] > 0.f ? gate * num[j] / (den[j] * (1.f + ez)) : 0.f;
+      const float ez = exp_nonpos(-std::fabs(x));
+      yr[j] = den[j] > 0.f ? sigmoid_of(x, ez) * num[j] / den[j] : 0.f;
+    }
+  }
+}
+
+// Backward of scan_slice, writing only dq, dk, dv (each laid out like q). With p[t, s] = exp(k_s - m_t) / den_t the
+// weight of key s in row t and a_t = g_t sigmoid(q_t):
+//   dv_s = sum_{t >= s} a_t p[t, s],   dk_s = sum_{t >= s} a_t p[t, s] (v_s - r_t).
+// A reverse scan carries U_s = sum_{t >= s} a_t / den_t exp(m_s - m_t) (and W_s likewise with a_t r_t), rescaled by
+// exp(m_s - m_{s+1}) <= 1 (the running maximum never falls), so dv_s = exp(k_s - m_s) U_s: every factor <= 1.
+// The forward's r, m and den are recomputed into dq, dk and dv first and overwritten row by row on the way back.
+static void scan_slice_backward(const float* __restrict q, const float* __restrict k, const float* __restrict v,
+                                const float* __restrict g, const bool* valid, float* __restrict dq,
+                                float* __restrict dk, float* __restrict dv, int64_t L, int64_t D, int64_t n) {
+  scan_slice(q, k, v, valid, dq, L, D, n, dk, dv);
+  // U and W sum up to L terms one after another: in double, or their rounding grows with L (float32 lost ~1e-5 of
+  // dv's scale at L = 3000, where the eager chunked scan keeps ~2e-6)
+  std::vector<double> sums(2 * n, 0.0);
+  double* __restrict U = sums.data();
+  double* __restrict W = U + n;
+  std::vector<float> maxima(n);
+  float* __restrict m_next = maxima.data();
+  for (int64_t j = 0; j < n; ++j) m_next[j] = dk[(L - 1) * D + j];
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const int64_t row = t * D;
+    const bool key_valid = valid == nullptr || valid[t];
+    for (int64_t j = 0; j < n; ++j) {
+      const float r = dq[row + j], m = dk[row + j], den = dv[row + j];
+      const float x = q[row + j], gy = g[row + j];
+      const float ez = exp_nonpos(-std::fabs(x));
+      const float a = den > 0.f ? gy * sigmoid_of(x, ez) / den : 0.f;  // a row that sees no key has no gradient
+      const double rescale = exp_nonpos(m - m_next[j]);
+      U[j] = U[j] * rescale + a;
+      W[j] = W[j] * rescale + static_cast<double>(a) * r;
+      m_next[j] = m;
+      dq[row + j] = gy * r * sigmoid_slope(ez);
+      const double p = key_valid ? exp_nonpos(k[row + j] - m) : 0.f;  // a masked key gets exactly 0
+      dv[row + j] = static_cast<float>(p * U[j]);
+      dk[row + j] = static_cast<float>(p * (v[row + j] * U[j] - W[j]));
     }
   }
 }
@@ -113,34 +173,80 @@ torch::Tensor causal_simple_forward(torch::Tensor q, torch::Tensor k, torch::Ten
   return y;
 }
 
+std::vector<torch::Tensor> causal_simple_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
+                                                  c10::optional<torch::Tensor> valid) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && g.is_contiguous(),
+              "contiguous q, k, v, grad expected");
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2);
+  const int64_t slice = std::min<int64_t>(D, 256), slices = (D + slice - 1) / slice;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  if (L > 0) {
+    at::parallel_for(0, B * slices, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t job = lo; job < hi; ++job) {
+        const int64_t b = job / slices, d0 = (job % slices) * slice, offset = b * L * D + d0;
+        scan_slice_backward(qp + offset, kp + offset, vp + offset, gp + offset, mp ? mp + b * L : nullptr,
+                            dqp + offset, dkp + offset, dvp + offset, L, D, std::min(slice, D - d0));
+      }
+    });
+  }
+  return {dq, dk, dv};
+}
+
 // Causal AFT-conv, one batch row and one head: q, v, y point at the head's first feature of row 0 (row stride D),
 // k at the head's key channel of row 0 (row stride h); w[d] is the bias of offset t - t' = d < s, 0 beyond.
+struct ConvHead {
+  static constexpr float none = -1e30f;  // "no key": finite, so no inf - inf
+  int64_t L, s;
+  std::vector<float> keys, use;          // the head's keys as one column; a masked key: use 0, key `none`
+  std::vector<float> bias_weight;        // exp(w - bias_shift) <= 1, bias_shift = max(0, max w)
+  float outside_weight;                  // exp(-bias_shift): the weight of the keys older than the span
+
+  ConvHead(const float* k, const bool* valid, const float* w, int64_t L_, int64_t s_, int64_t h)
+      : L(L_), s(s_), keys(L_), use(L_), bias_weight(s_) {
+    for (int64_t t = 0; t < L; ++t) {
+      use[t] = (valid == nullptr || valid[t]) ? 1.f : 0.f;
+      keys[t] = use[t] > 0.f ? k[t * h] : none;
+    }
+    float bias_shift = 0.f;
+    for (int64_t d = 0; d < s; ++d) bias_shift = std::fmax(bias_shift, w[d]);
+    for (int64_t d = 0; d < s; ++d) bias_weight[d] = exp_nonpos(w[d] - bias_shift);
+    outside_weight = exp_nonpos(-bias_shift);
+  }
+
+  // Span weights e[d] (key t - d, d < span) of row t under its shift: exp(k - shift) exp(w - bias_shift), or with
+  // the single shift max(k + w) when that row fell back (see conv_head).
+  void span_weights(int64_t t, int64_t span, float shift, bool fallback, const float* w, float* e) const {
+    for (int64_t d = 0; d < span; ++d) {
+      e[d] = fallback ? exp_nonpos(keys[t - d] + w[d] - shift) * use[t - d]
+                      : exp_nonpos(keys[t - d] - shift) * bias_weight[d] * use[t - d];  // 0 for a masked key
+    }
+  }
+};
+
+// What the backward needs of each row besides r = num / den: the prefix maximum, rho = prefix_scale / den (the
+// weight of a prefix key is exp(k - prefix_max) rho), 1 / den, the row's shift and whether it fell back.
+enum ConvRow { kPrefixMax, kRho, kInvDen, kShift, kFallback, kRowFields };
+
 // Keys older than the kernel span sit in a running prefix sum (own running maximum); row t is shifted by the maximum
 // of k + w over everything it sees, so every weight is <= 1 and the largest is exactly 1: den >= 1, nothing to
-// underflow. O(s Dv) per row and head.
+// underflow. O(s Dv) per row and head. Forward (rows == nullptr): y = sigmoid(q) num / den; for the backward the
+// ungated r goes to y and the per-row fields to rows (kRowFields per row).
 static void conv_head(const float* __restrict q, const float* __restrict k, const float* __restrict v,
                       const bool* valid, const float* __restrict w, int64_t s, float* __restrict y,
-                      int64_t L, int64_t D, int64_t h, int64_t Dv) {
-  const float none = -1e30f;
-  // the head's keys as one contiguous column (a masked key: weight 0 and key `none`, so it never sets the shift)
-  std::vector<float> buffers(2 * Dv + 2 * L + 2 * s, 0.f);
+                      int64_t L, int64_t D, int64_t h, int64_t Dv, float* __restrict rows = nullptr) {
+  const float none = ConvHead::none;
+  const ConvHead head(k, valid, w, L, s, h);
+  const float* keys = head.keys.data();
+  const float* use = head.use.data();
+  std::vector<float> buffers(2 * Dv + 2 * s, 0.f);
   float* __restrict prefix = buffers.data();
   float* __restrict acc = prefix + Dv;
-  float* __restrict keys = acc + Dv;
-  float* __restrict use = keys + L;
-  float* __restrict e = use + L;           // this row's span weights, e[d] for key t - d
+  float* __restrict e = acc + Dv;           // this row's span weights, e[d] for key t - d
   float* __restrict score = e + s;
-  for (int64_t t = 0; t < L; ++t) {
-    use[t] = (valid == nullptr || valid[t]) ? 1.f : 0.f;
-    keys[t] = use[t] > 0.f ? k[t * h] : none;
-  }
-  // bias weights under the bias shift max(0, max w) (keys outside the span have bias 0): all <= 1
-  float bias_shift = 0.f;
-  for (int64_t d = 0; d < s; ++d) bias_shift = std::fmax(bias_shift, w[d]);
-  std::vector<float> bias_weights(s);
-  float* __restrict bias_weight = bias_weights.data();
-  for (int64_t d = 0; d < s; ++d) bias_weight[d] = exp_nonpos(w[d] - bias_shift);
-  const float outside_weight = exp_nonpos(-bias_shift);
   float prefix_den = 0.f, prefix_max = none;
   for (int64_t t = 0; t < L; ++t) {
     const int64_t leaving = t - s;  // the key that moves from the kernel span into the prefix
@@ -157,29 +263,31 @@ static void conv_head(const float* __restrict q, const float* __restrict k, cons
     // weights exp(k - key_shift) * exp(w - bias_shift): each factor exact however large k or w (their sum would lose
     // digits in float32); should den underflow (the largest key meets a very negative w), the row is redone with the
     // single shift max(k + w) over what it sees, which keeps den >= 1.
-    float key_shift = prefix_den > 0.f ? prefix_max : none;
-    for (int64_t d = 0; d < span; ++d) key_shift = std::fmax(key_shift, keys[t - d]);
+    float shift = prefix_den > 0.f ? prefix_max : none;
+    for (int64_t d = 0; d < span; ++d) shift = std::fmax(shift, keys[t - d]);
     float* __restrict yr = y + t * D;
-    if (key_shift <= 0.5f * none) {  // no valid key visible yet
+    float* __restrict row = rows == nullptr ? nullptr : rows + t * kRowFields;
+    if (row != nullptr) {
+      row[kPrefixMax] = prefix_max; row[kRho] = 0.f; row[kInvDen] = 0.f; row[kShift] = shift; row[kFallback] = 0.f;
+    }
+    if (shift <= 0.5f * none) {  // no valid key visible yet
       for (int64_t j = 0; j < Dv; ++j) yr[j] = 0.f;
       continue;
     }
+    bool fallback = false;
+    head.span_weights(t, span, shift, fallback, w, e);
     float den = 0.f, prefix_scale = 0.f;
-    for (int64_t d = 0; d < span; ++d) {
-      e[d] = exp_nonpos(keys[t - d] - key_shift) * bias_weight[d] * use[t - d];  // exactly 0 for a masked key
-      den += e[d];
-    }
-    if (prefix_den > 0.f) prefix_scale = exp_nonpos(prefix_max - key_shift) * outside_weight;
+    for (int64_t d = 0; d < span; ++d) den += e[d];
+    if (prefix_den > 0.f) prefix_scale = exp_nonpos(prefix_max - shift) * head.outside_weight;
     den += prefix_den * prefix_scale;
     if (den < 1e-20f) {
-      float shift = prefix_den > 0.f ? prefix_max : none;
+      fallback = true;
+      shift = prefix_den > 0.f ? prefix_max : none;
       for (int64_t d = 0; d < span; ++d) score[d] = keys[t - d] + w[d];
       for (int64_t d = 0; d < span; ++d) shift = std::fmax(shift, score[d]);
+      head.span_weights(t, span, shift, fallback, w, e);
       den = 0.f;
-      for (int64_t d = 0; d < span; ++d) {
-        e[d] = exp_nonpos(score[d] - shift) * use[t - d];
-        den += e[d];
-      }
+      for (int64_t d = 0; d < span; ++d) den += e[d];
       prefix_scale = prefix_den > 0.f ? exp_nonpos(prefix_max - shift) : 0.f;
       den += prefix_den * prefix_scale;
     }
@@ -195,21 +303,100 @@ static void conv_head(const float* __restrict q, const float* __restrict k, cons
       const float ed = e[d];
       for (int64_t j = 0; j < Dv; ++j) acc[j] += ed * vd[j];
     }
+    if (row != nullptr) {
+      row[kRho] = prefix_scale / den; row[kInvDen] = 1.f / den; row[kShift] = shift; row[kFallback] = fallback;
+      for (int64_t j = 0; j < Dv; ++j) yr[j] = acc[j] / den;
+      continue;
+    }
     const float* __restrict qr = q + t * D;
     for (int64_t j = 0; j < Dv; ++j) {
       const float x = qr[j];
-      const float ez = exp_nonpos(-std::fabs(x));
-      const float gate = x > 0.f ? 1.f : ez;
-      yr[j] = gate * acc[j] / (den * (1.f + ez));
+      yr[j] = sigmoid_of(x, exp_nonpos(-std::fabs(x))) * acc[j] / den;
     }
   }
 }
 
-torch::Tensor causal_conv1d_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kernel,
-                                    c10::optional<torch::Tensor> valid) {
+// Backward of conv_head: dq and dv (head slices, row stride D), dk (the head's column, stride h), and dw[d] (written).
+// With p the weight of key s in row t (span: e[t - s] / den; prefix: exp(k_s - prefix_max_t) rho_t), a_t = g_t
+// sigmoid(q_t) and r_t the row's mean of v:
+//   dv_s = sum_t a_t p,   dk_s = sum_t p (a_t . v_s - a_t . r_t),   dw[d] = sum_t p[t, t - d] (a_t . v_{t-d} - a_t . r_t).
+// The span terms are summed row by row; the prefix terms through a reverse scan U_t = sum_{t' >= t} a_t' rho_t'
+// exp(prefix_max_t - prefix_max_t') (and W_t likewise with a_t' . r_t'), read by key t - s as it enters the prefix.
+static void conv_head_backward(const float* __restrict q, const float* __restrict k, const float* __restrict v,
+                               const float* __restrict g, const bool* valid, const float* __restrict w, int64_t s,
+                               float* __restrict dq, float* __restrict dk, float* __restrict dv, float* __restrict dw,
+                               int64_t L, int64_t D, int64_t h, int64_t Dv) {
+  std::vector<float> rows(L * kRowFields);
+  conv_head(q, k, v, valid, w, s, dq, L, D, h, Dv, rows.data());  // r into dq, overwritten row by row below
+  const ConvHead head(k, valid, w, L, s, h);
+  std::vector<float> buffers(Dv + s, 0.f);
+  float* __restrict a = buffers.data();
+  float* __restrict e = a + Dv;
+  // the sums over up to L rows (the prefix scan U, W and the kernel gradient) run in double, as in the AFT-simple
+  // backward; per-key sums have at most s + 1 terms and stay float
+  std::vector<double> sums(Dv + s, 0.0);
+  double* __restrict U = sums.data();
+  double* __restrict dw_sum = U + Dv;
+  double W = 0.0;
+  float prefix_max_next = rows[(L - 1) * kRowFields + kPrefixMax];
+  for (int64_t t = 0; t < L; ++t) dk[t * h] = 0.f;
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t j = 0; j < Dv; ++j) dv[t * D + j] = 0.f;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const float* row = rows.data() + t * kRowFields;
+    const float inv_den = row[kInvDen];  // 0 for a row that sees no key: it passes no gradient on
+    const float *qr = q + t * D, *gr = g + t * D;
+    float* __restrict dqr = dq + t * D;
+    float ar = 0.f;
+    for (int64_t j = 0; j < Dv; ++j) {
+      const float x = qr[j], r = dqr[j];
+      const float ez = exp_nonpos(-std::fabs(x));
+      a[j] = inv_den > 0.f ? gr[j] * sigmoid_of(x, ez) : 0.f;
+      ar += a[j] * r;
+      dqr[j] = gr[j] * r * sigmoid_slope(ez);
+    }
+    const double rescale = exp_nonpos(row[kPrefixMax] - prefix_max_next);  // <= 1: the prefix maximum never falls
+    const double rho = row[kRho];
+    prefix_max_next = row[kPrefixMax];
+    for (int64_t j = 0; j < Dv; ++j) U[j] = U[j] * rescale + a[j] * rho;
+    W = W * rescale + ar * rho;
+    const int64_t entering = t - s;
+    if (entering >= 0 && head.use[entering] > 0.f) {
+      const double p = exp_nonpos(head.keys[entering] - row[kPrefixMax]);
+      const float* __restrict ve = v + entering * D;
+      float* __restrict dve = dv + entering * D;
+      double vU = 0.0;
+      for (int64_t j = 0; j < Dv; ++j) { dve[j] += static_cast<float>(p * U[j]); vU += ve[j] * U[j]; }
+      dk[entering * h] += static_cast<float>(p * (vU - W));
+    }
+    if (inv_den == 0.f) continue;
+    const int64_t span = std::min<int64_t>(s, t + 1);
+    head.span_weights(t, span, row[kShift], row[kFallback] > 0.f, w, e);
+    for (int64_t d = 0; d < span; ++d) {
+      const float p = e[d] * inv_den;
+      if (p == 0.f) continue;
+      const float* __restrict vs = v + (t - d) * D;
+      float* __restrict dvs = dv + (t - d) * D;
+      float av = 0.f;
+      for (int64_t j = 0; j < Dv; ++j) { av += a[j] * vs[j]; dvs[j] += p * a[j]; }
+      const float c = p * (av - ar);
+      dk[(t - d) * h] += c;
+      dw_sum[d] += c;
+    }
+  }
+  for (int64_t d = 0; d < s; ++d) dw[d] = static_cast<float>(dw_sum[d]);
+}
+
+static void check_conv_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const torch::Tensor& kernel) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && kernel.is_contiguous(),
               "contiguous q, k, v, kernel expected");
   TORCH_CHECK(q.scalar_type() == at::kFloat && kernel.scalar_type() == at::kFloat, "float32 expected");
+}
+
+torch::Tensor causal_conv1d_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kernel,
+                                    c10::optional<torch::Tensor> valid) {
+  check_conv_inputs(q, k, v, kernel);
   auto y = torch::empty_like(q);
   const int64_t B = q.size(0), L = q.size(1), D = q.size(2), h = kernel.size(0), s = kernel.size(1), Dv = D / h;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -224,6 +411,31 @@ torch::Tensor causal_conv1d_forward(torch::Tensor q, torch::Tensor k, torch::Ten
     }
   });
   return y;
+}
+
+std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                  torch::Tensor kernel, torch::Tensor g,
+                                                  c10::optional<torch::Tensor> valid) {
+  check_conv_inputs(q, k, v, kernel);
+  TORCH_CHECK(g.is_contiguous(), "contiguous grad expected");
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), h = kernel.size(0), s = kernel.size(1), Dv = D / h;
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  auto dw = torch::empty({B, h, s}, kernel.options());  // one row per job, summed over the batch below
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *wp = kernel.data_ptr<float>(), *gp = g.data_ptr<float>();
+  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* dwp = dw.data_ptr<float>();
+  if (L > 0) {
+    at::parallel_for(0, B * h, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t job = lo; job < hi; ++job) {
+        const int64_t b = job / h, i = job % h, offset = b * L * D + i * Dv, key_offset = b * L * h + i;
+        conv_head_backward(qp + offset, kp + key_offset, vp + offset, gp + offset, mp ? mp + b * L : nullptr,
+                           wp + i * s, s, dqp + offset, dkp + key_offset, dvp + offset, dwp + job * s, L, D, h, Dv);
+      }
+    });
+  }
+  return {dq, dk, dv, dw.sum(0)};
 }
 """
 
@@ -250,8 +462,9 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v7", cpp_sources=_SOURCE,
-                                      functions=["causal_simple_forward", "causal_conv1d_forward"],
+                _module = load_inline("modeling_aft_fused_v10", cpp_sources=_SOURCE,
+                                      functions=["causal_simple_forward", "causal_simple_backward",
+                                                 "causal_conv1d_forward", "causal_conv1d_backward"],
                                       extra_cflags=_FLAGS, verbose=False)
             except Exception as error:  # no compiler, no ninja, a read-only cache: the eager path still works
                 _failed = True
@@ -274,32 +487,71 @@ def fused_causal_simple_available() -> bool:
 
 
 def _module_for(*tensors):
-    """The compiled module when a fused kernel applies to these inputs (CPU, float32, no gradient needed), else None."""
+    """The compiled module when a fused kernel applies to these inputs (CPU, float32), else None."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
     return _load()
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _valid_keys(key_mask, device):
     return None if key_mask is None else key_mask.to(device=device, dtype=torch.bool).contiguous()
 
 
+class _FusedCausalSimple(torch.autograd.Function):
+    """Keeps only the inputs for the backward, which recomputes the forward's per-row state in place of its outputs."""
+
+    @staticmethod
+    def forward(ctx, module, q, k, v, valid):
+        ctx.module = module
+        ctx.save_for_backward(q, k, v, valid)
+        return module.causal_simple_forward(q, k, v, valid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, valid = ctx.saved_tensors
+        return None, *ctx.module.causal_simple_backward(q, k, v, grad.contiguous(), valid), None
+
+
+class _FusedCausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, module, q, k, v, kernel, valid):
+        ctx.module = module
+        ctx.save_for_backward(q, k, v, kernel, valid)
+        return module.causal_conv1d_forward(q, k, v, kernel, valid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, kernel, valid = ctx.saved_tensors
+        return None, *ctx.module.causal_conv1d_backward(q, k, v, kernel, grad.contiguous(), valid), None
+
+
 def fused_causal_simple(q, k, v, key_mask=None):
-    """Causal AFT-simple forward (gated by sigmoid(q)) with the fused kernel, or None when it does not apply.
-    q, k, v (B, T, D)."""
+    """Causal AFT-simple (gated by sigmoid(q)) with the fused kernels, or None when they do not apply.
+    q, k, v (B, T, D). Differentiable: the backward is fused too and holds nothing but dq, dk, dv."""
     module = _module_for(q, k, v)
     if module is None:
         return None
-    return module.causal_simple_forward(q.contiguous(), k.contiguous(), v.contiguous(), _valid_keys(key_mask, q.device))
+    q, k, v, valid = q.contiguous(), k.contiguous(), v.contiguous(), _valid_keys(key_mask, q.device)
+    if _needs_grad(q, k, v):
+        return _FusedCausalSimple.apply(module, q, k, v, valid)
+    return module.causal_simple_forward(q, k, v, valid)
 
 
 def fused_causal_conv1d(q, k, v, kernel, key_mask=None):
-    """Causal AFT-conv forward (gated by sigmoid(q)) with the fused kernel, or None when it does not apply.
-    q, v (B, T, D); k (B, T, h); kernel (h, s): kernel[i, d] is head i's bias at offset t - t' = d."""
+    """Causal AFT-conv (gated by sigmoid(q)) with the fused kernels, or None when they do not apply.
+    q, v (B, T, D); k (B, T, h); kernel (h, s): kernel[i, d] is head i's bias at offset t - t' = d. Differentiable
+    in q, k, v and kernel, with a fused backward."""
     module = _module_for(q, k, v, kernel)
     if module is None:
         return None
-    return module.causal_conv1d_forward(q.contiguous(), k.contiguous(), v.contiguous(), kernel.contiguous(),
-                                        _valid_keys(key_mask, q.device))
+    q, k, v, kernel = q.contiguous(), k.contiguous(), v.contiguous(), kernel.contiguous()
+    valid = _valid_keys(key_mask, q.device)
+    if _needs_grad(q, k, v, kernel):
+        return _FusedCausalConv1d.apply(module, q, k, v, kernel, valid)
+    return module.causal_conv1d_forward(q, k, v, kernel, valid)

@@ -866,7 +866,8 @@ def aft_simple(q, k, v, *, causal=False, key_mask=None):
     """AFT-simple (w = 0): Y_t = sigmoid(Q_t) * softmax over keys (per feature) of K, applied to V.
 
     q, k, v (B, T, D); causal: keys t' <= t (a stable prefix scan). O(T D) time and memory. Causal calls on
-    the CPU in float32 that need no gradient run the fused one-pass kernel of aft_kernels when it is available.
+    the CPU in float32 (or cast up to it) run the fused kernels of aft_kernels, forward and backward, when they
+    can be compiled.
     """
     _check_qkv(q, k, v)
     B, T, D = q.shape
@@ -875,7 +876,7 @@ def aft_simple(q, k, v, *, causal=False, key_mask=None):
     dt = _compute_dtype(q, k, v)
     with _no_autocast(q.device.type):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
-        y = fused_causal_simple(qf, kf, vf, key_mask) if causal else None  # inference on the CPU: one pass
+        y = fused_causal_simple(qf, kf, vf, key_mask) if causal else None  # on the CPU: one pass each way
         if y is None:
             zero = lambda pos, Tk: qf.new_zeros(pos.numel(), 1, Tk)
             y = _linear_variant(qf, kf, vf, None, None, 1, 0, -1, causal, key_mask, zero)
@@ -942,7 +943,7 @@ def aft_conv1d(q, k, v, kernel, *, causal=True, key_mask=None):
     kernel[i, j] is the bias for t - t' = j - s//2. Outside the kernel the bias is 0, so every position
     sees the whole (causal) context: out-of-kernel keys come from prefix (suffix) sums, the kernel
     span from a convolution with exp(w): O(T s D) time, O(T D) memory. Causal calls on the CPU in float32
-    that need no gradient run the fused kernel of aft_kernels when it is available.
+    (or cast up to it) run the fused kernels of aft_kernels, forward and backward, when they can be compiled.
     """
     _check_qkv(q, k, v)
     B, T, D = q.shape
@@ -961,7 +962,7 @@ def aft_conv1d(q, k, v, kernel, *, causal=True, key_mask=None):
         qf, kf, vf, kern = _up(q, dt), _up(k, dt), _up(v, dt), _up(kernel, dt)
         w = kern[:, lo - d_lo:hi - d_lo + 1].unsqueeze(1)  # (h, 1, nb)
         inside = torch.ones(1, hi - lo + 1, dtype=torch.bool, device=q.device)
-        y = fused_causal_conv1d(qf, kf, vf, kern, key_mask) if causal else None  # inference on the CPU
+        y = fused_causal_conv1d(qf, kf, vf, kern, key_mask) if causal else None  # on the CPU, fused both ways
         if y is None:
             dense_bias = lambda pos, Tk: _kernel_bias_1d(kern, d_lo, pos, Tk)
             y = _linear_variant(qf, kf, vf, w, inside, h, lo, hi, causal, key_mask, dense_bias)

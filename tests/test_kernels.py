@@ -1,5 +1,5 @@
-"""The fused CPU kernels for causal AFT-simple and AFT-conv inference (modeling_aft/aft_kernels.py) vs the float64
-references and the eager scans, and when the operators use them."""
+"""The fused CPU kernels for causal AFT-simple and AFT-conv (modeling_aft/aft_kernels.py), forward and backward, vs
+the float64 references and the eager scans, and when the operators use them."""
 
 import pytest
 import torch
@@ -17,18 +17,28 @@ def kernel():
 
 
 class Spy:
-    """Stands in for the compiled module and counts the calls that reach it (`calls`: all, `conv_calls`: AFT-conv)."""
+    """Stands in for the compiled module and counts the calls that reach it: `calls` / `conv_calls` (forward of
+    AFT-simple / AFT-conv), `backward_calls` / `conv_backward_calls`."""
 
     def __init__(self, module):
-        self.module, self.calls, self.conv_calls = module, 0, 0
+        self.module = module
+        self.calls = self.conv_calls = self.backward_calls = self.conv_backward_calls = 0
 
     def causal_simple_forward(self, *args):
         self.calls += 1
         return self.module.causal_simple_forward(*args)
 
+    def causal_simple_backward(self, *args):
+        self.backward_calls += 1
+        return self.module.causal_simple_backward(*args)
+
     def causal_conv1d_forward(self, *args):
         self.conv_calls += 1
         return self.module.causal_conv1d_forward(*args)
+
+    def causal_conv1d_backward(self, *args):
+        self.conv_backward_calls += 1
+        return self.module.causal_conv1d_backward(*args)
 
 
 @pytest.fixture
@@ -48,6 +58,36 @@ def _eager(q, k, v, key_mask=None, kernel=None):
         return aft_ops.aft_conv1d(q, k, v, kernel, causal=True, key_mask=key_mask)
     finally:
         aft_ops.fused_causal_simple, aft_ops.fused_causal_conv1d = originals
+
+
+def _forward_and_grads(fn, tensors, cotangent):
+    """fn(*leaves) and d(<fn, cotangent>)/d(leaves), on fresh leaf copies of tensors."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, cotangent.to(out.dtype))
+
+
+def _assert_fused_training_matches(spy, tensors, key_mask=None, atol=1e-5, rtol=1e-5, against_eager=False):
+    """Forward and every gradient of the fused op (aft_simple for q, k, v; aft_conv1d with a 4th tensor, the kernel)
+    equal the float64 reference (or, for long inputs, the eager scan) and went through the fused backward."""
+    conv = len(tensors) == 4
+    fused_op = (lambda q, k, v, w: aft_ops.aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)) if conv else \
+        (lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask))
+    if against_eager:
+        expected_op = lambda *xs: _eager(*xs[:3], key_mask, *xs[3:])
+    else:
+        expected_op = (lambda q, k, v, w: ref.ref_aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)) if conv \
+            else (lambda q, k, v: ref.ref_aft_simple(q, k, v, causal=True, key_mask=key_mask))
+    cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    before = (spy.conv_backward_calls if conv else spy.backward_calls)
+    out, grads = _forward_and_grads(fused_op, tensors, cotangent)
+    assert (spy.conv_backward_calls if conv else spy.backward_calls) == before + 1
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    expected = tensors if against_eager else [t.double() for t in tensors]
+    out_ref, grads_ref = _forward_and_grads(expected_op, expected, cotangent)
+    torch.testing.assert_close(out.to(out_ref.dtype), out_ref, atol=atol, rtol=rtol)
+    for name, g, g_ref in zip("q k v kernel".split(), grads, grads_ref):
+        torch.testing.assert_close(g.to(g_ref.dtype), g_ref, atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
 
 
 def _inputs(B, T, D, seed=0):
@@ -76,6 +116,7 @@ def test_fused_equals_reference_and_eager(spy, mask, D):
     torch.testing.assert_close(fused, _eager(q, k, v, key_mask), atol=1e-5, rtol=1e-5)
     if mask == "fully_masked_row":
         assert torch.equal(fused[0], torch.zeros_like(fused[0]))
+    _assert_fused_training_matches(spy, [q, k, v], key_mask)
 
 
 def test_fused_is_stable_for_extreme_inputs(spy):
@@ -91,6 +132,7 @@ def test_fused_is_stable_for_extreme_inputs(spy):
     assert spy.calls == 1 and torch.isfinite(fused).all()
     expected = ref.ref_aft_simple(q.double(), k.double(), v.double(), causal=True, key_mask=key_mask)
     torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    _assert_fused_training_matches(spy, [q, k, v], key_mask)
 
 
 def test_fused_long_sequence_matches_eager(spy):
@@ -100,6 +142,7 @@ def test_fused_long_sequence_matches_eager(spy):
         fused = aft_ops.aft_simple(q, k, v, causal=True)
     assert spy.calls == 1
     torch.testing.assert_close(fused, _eager(q, k, v), atol=1e-5, rtol=1e-4)
+    _assert_fused_training_matches(spy, [q, k, v], atol=1e-5, rtol=1e-4, against_eager=True)
 
 
 def test_bf16_inputs_run_fused_in_float32(spy):
@@ -111,17 +154,26 @@ def test_bf16_inputs_run_fused_in_float32(spy):
     torch.testing.assert_close(fused.double(), expected, atol=1e-2, rtol=1e-2)
 
 
-def test_training_and_non_causal_calls_stay_eager(spy):
+def test_training_runs_fused_and_other_calls_stay_eager(spy):
     q, k, v = (x.requires_grad_() for x in _inputs(1, 5, 8, seed=4))
-    out = aft_ops.aft_simple(q, k, v, causal=True)
-    out.sum().backward()  # the eager scan's custom backward
+    aft_ops.aft_simple(q, k, v, causal=True).sum().backward()
+    assert (spy.calls, spy.backward_calls) == (1, 1) and q.grad is not None
     with torch.no_grad():
         aft_ops.aft_simple(q, k, v, causal=False)
         aft_ops.aft_simple(q.double(), k.double(), v.double(), causal=True)
-    assert spy.calls == 0 and q.grad is not None
-    with torch.no_grad():  # the same causal float32 call without a gradient does take the kernel
+    assert (spy.calls, spy.backward_calls) == (1, 1)
+    with torch.no_grad():  # inference: the forward alone, nothing kept for a backward
         aft_ops.aft_simple(q, k, v, causal=True)
-    assert spy.calls == 1
+    assert (spy.calls, spy.backward_calls) == (2, 1)
+
+
+def test_fused_backward_keeps_only_the_inputs(kernel):
+    """The fused Function saves q, k, v (and the mask) and nothing the size of an activation besides."""
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 50, 8, seed=8))
+    out = aft_ops.aft_simple(q, k, v, causal=True, key_mask=torch.ones(2, 50))
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 4 and all(a is b or torch.equal(a, b) for a, b in zip(saved[:3], (q, k, v)))
+    assert saved[3].dtype == torch.bool
 
 
 def test_env_switch_disables_the_kernel(kernel, monkeypatch):
@@ -150,6 +202,7 @@ def test_fused_conv1d_equals_reference_and_eager(spy, mask, heads, head_dim, siz
     expected = ref.ref_aft_conv1d(q.double(), k.double(), v.double(), kernel.double(), causal=True, key_mask=key_mask)
     torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused, _eager(q, k, v, key_mask, kernel), atol=1e-5, rtol=1e-5)
+    _assert_fused_training_matches(spy, [q, k, v, kernel], key_mask)
 
 
 def test_fused_conv1d_is_stable_for_extreme_inputs(spy):
@@ -165,6 +218,7 @@ def test_fused_conv1d_is_stable_for_extreme_inputs(spy):
     assert spy.conv_calls == 1 and torch.isfinite(fused).all()
     expected = ref.ref_aft_conv1d(q.double(), k.double(), v.double(), kernel.double(), causal=True, key_mask=key_mask)
     torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    _assert_fused_training_matches(spy, [q, k, v, kernel], key_mask)
 
 
 def test_fused_conv1d_long_sequence_matches_eager(spy):
@@ -173,11 +227,13 @@ def test_fused_conv1d_long_sequence_matches_eager(spy):
         fused = aft_ops.aft_conv1d(q, k, v, kernel, causal=True)
     assert spy.conv_calls == 1
     torch.testing.assert_close(fused, _eager(q, k, v, kernel=kernel), atol=1e-5, rtol=1e-4)
+    _assert_fused_training_matches(spy, [q, k, v, kernel], atol=1e-5, rtol=1e-4, against_eager=True)
 
 
-def test_conv1d_training_and_non_causal_calls_stay_eager(spy):
+def test_conv1d_training_runs_fused_and_non_causal_stays_eager(spy):
     q, k, v, kernel = (x.requires_grad_() for x in _conv_inputs(1, 6, 2, 2, 3, seed=7))
     aft_ops.aft_conv1d(q, k, v, kernel, causal=True).sum().backward()
+    assert (spy.conv_calls, spy.conv_backward_calls) == (1, 1) and kernel.grad is not None
     with torch.no_grad():
         aft_ops.aft_conv1d(q, k, v, kernel, causal=False)
-    assert spy.conv_calls == 0 and kernel.grad is not None
+    assert (spy.conv_calls, spy.conv_backward_calls) == (1, 1)
