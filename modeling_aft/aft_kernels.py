@@ -107,10 +107,11 @@ static void scan_slice(const float* __restrict q, const float* __restrict k, con
       }
       continue;
     }
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j) {  // one division per element: sigmoid's and den's denominators multiplied
       const float x = qr[j];
       const float ez = exp_nonpos(-std::fabs(x));
-      yr[j] = den[j] > 0.f ? sigmoid_of(x, ez) * num[j] / den[j] : 0.f;
+      const float gate = x > 0.f ? 1.f : ez;
+      yr[j] = den[j] > 0.f ? gate * num[j] / (den[j] * (1.f + ez)) : 0.f;
     }
   }
 }
@@ -135,18 +136,26 @@ static void scan_slice_backward(const float* __restrict q, const float* __restri
   for (int64_t j = 0; j < n; ++j) m_next[j] = dk[(L - 1) * D + j];
   for (int64_t t = L - 1; t >= 0; --t) {
     const int64_t row = t * D;
-    const bool key_valid = valid == nullptr || valid[t];
     for (int64_t j = 0; j < n; ++j) {
       const float r = dq[row + j], m = dk[row + j], den = dv[row + j];
       const float x = q[row + j], gy = g[row + j];
       const float ez = exp_nonpos(-std::fabs(x));
-      const float a = den > 0.f ? gy * sigmoid_of(x, ez) / den : 0.f;  // a row that sees no key has no gradient
+      // den is 0 (no key seen yet: such a row passes nothing on) or >= 1; no select around a division, or gcc
+      // will not vectorize the loop
+      const float inv_den = static_cast<float>(den > 0.f) / std::fmax(den, 1.f);
+      const float a = gy * sigmoid_of(x, ez) * inv_den;
       const double rescale = exp_nonpos(m - m_next[j]);
       U[j] = U[j] * rescale + a;
       W[j] = W[j] * rescale + static_cast<double>(a) * r;
       m_next[j] = m;
       dq[row + j] = gy * r * sigmoid_slope(ez);
-      const double p = key_valid ? exp_nonpos(k[row + j] - m) : 0.f;  // a masked key gets exactly 0
+    }
+    if (valid != nullptr && !valid[t]) {  // a masked key gets exactly 0
+      for (int64_t j = 0; j < n; ++j) { dv[row + j] = 0.f; dk[row + j] = 0.f; }
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const double p = exp_nonpos(k[row + j] - m_next[j]);  // m_next now holds this row's maximum, >= k
       dv[row + j] = static_cast<float>(p * U[j]);
       dk[row + j] = static_cast<float>(p * (v[row + j] * U[j] - W[j]));
     }
@@ -311,7 +320,8 @@ static void conv_head(const float* __restrict q, const float* __restrict k, cons
     const float* __restrict qr = q + t * D;
     for (int64_t j = 0; j < Dv; ++j) {
       const float x = qr[j];
-      yr[j] = sigmoid_of(x, exp_nonpos(-std::fabs(x))) * acc[j] / den;
+      const float ez = exp_nonpos(-std::fabs(x));
+      yr[j] = (x > 0.f ? 1.f : ez) * acc[j] / (den * (1.f + ez));
     }
   }
 }
@@ -348,10 +358,11 @@ static void conv_head_backward(const float* __restrict q, const float* __restric
     const float *qr = q + t * D, *gr = g + t * D;
     float* __restrict dqr = dq + t * D;
     float ar = 0.f;
+#pragma omp simd reduction(+ : ar)
     for (int64_t j = 0; j < Dv; ++j) {
       const float x = qr[j], r = dqr[j];
       const float ez = exp_nonpos(-std::fabs(x));
-      a[j] = inv_den > 0.f ? gr[j] * sigmoid_of(x, ez) : 0.f;
+      a[j] = gr[j] * sigmoid_of(x, ez) * static_cast<float>(inv_den > 0.f);
       ar += a[j] * r;
       dqr[j] = gr[j] * r * sigmoid_slope(ez);
     }
@@ -366,6 +377,7 @@ static void conv_head_backward(const float* __restrict q, const float* __restric
       const float* __restrict ve = v + entering * D;
       float* __restrict dve = dv + entering * D;
       double vU = 0.0;
+#pragma omp simd reduction(+ : vU)
       for (int64_t j = 0; j < Dv; ++j) { dve[j] += static_cast<float>(p * U[j]); vU += ve[j] * U[j]; }
       dk[entering * h] += static_cast<float>(p * (vU - W));
     }
@@ -378,6 +390,7 @@ static void conv_head_backward(const float* __restrict q, const float* __restric
       const float* __restrict vs = v + (t - d) * D;
       float* __restrict dvs = dv + (t - d) * D;
       float av = 0.f;
+#pragma omp simd reduction(+ : av)
       for (int64_t j = 0; j < Dv; ++j) { av += a[j] * vs[j]; dvs[j] += p * a[j]; }
       const float c = p * (av - ar);
       dk[(t - d) * h] += c;
@@ -441,7 +454,10 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
 
 # -ffinite-math-only lets gcc vectorize fmax/fabs and the selects; the kernel never produces inf or NaN
 # from finite inputs (the operators' contract), and the "no key yet" maximum is a finite -1e30.
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only"]
+# -fopenmp-simd honours the `omp simd reduction` pragmas (vectorized dot products: gcc may not reorder a float sum
+# otherwise) and nothing else: no OpenMP runtime, and no global -ffast-math that could fold exp_nonpos' Cody-Waite
+# split.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fopenmp-simd"]
 _lock = threading.Lock()
 _module = None
 _failed = False
@@ -462,7 +478,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v10", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v15", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward"],
                                       extra_cflags=_FLAGS, verbose=False)
