@@ -320,18 +320,18 @@ Notes (what limits each number, and what would change it):
   512 x 512 tiles of E and 512 x 2D tiles of [P V, P] (~7 MiB), which is its forward overhead over
   SDPA. aft_local's forward holds the band and its weights (a few (T, window) tensors, 1 MiB each at
   T=8192) and keeps Z and den for the backward, which then skips re-running the scan.
-- aft_simple / aft_conv1d peak memory: SDPA's fused CPU kernel holds its output plus ~0.8 MiB of
-  per-thread scratch. Their forward rows (no gradient) run the fused kernels of aft_kernels.py, which
-  hold the output plus a few (s + D/h) float buffers per head. With a gradient the eager scans hold
-  one segment's buffers (up to 2^18 numbers of [P V, P] per buffer, 1 MiB) and each segment's
-  entering carry: a few MiB above SDPA, i.e. within ~2-15% at T >= 4096 but well above it at small T.
-  Smaller segments would trade this back for speed: at 2^16 numbers per segment aft_simple's fwd+bwd
-  was 1.5x slower at T=8192 (per-segment Python/dispatch overhead), for 1-3 MiB less.
-- aft_simple forward vs the probe: the probe is one fused elementwise kernel. The forward row runs
-  without gradients, so aft_simple takes the fused one-pass kernel of modeling_aft/aft_kernels.py
-  (an online-softmax scan, compiled on first use): it reads q, k, v once and writes y once, like the
-  probe, plus two vectorized polynomial exps per element. With a gradient (and without a compiler)
-  the eager scan runs instead: ~12 separate kernels, each a pass over (T, D), about 2-3x slower.
+- aft_simple / aft_conv1d: on the CPU both directions run the fused kernels of aft_kernels.py. The
+  forward holds the output plus a few (s + D/h) float buffers per head; the backward saves only the
+  inputs, reruns the forward scan into the gradient buffers it is about to fill and overwrites them
+  on a reverse scan, so fwd+bwd holds y, dq, dk, dv (plus, for AFT-conv, 5 floats per row and head):
+  what SDPA's fused kernel holds besides its ~0.8 MiB of per-thread scratch. AFT-conv's dk has one
+  channel per head, which is why it ends below SDPA.
+- aft_simple forward vs the probe: the probe is one fused elementwise kernel. aft_simple's fused
+  forward (an online-softmax scan) also reads q, k, v once and writes y once, but adds two vectorized
+  polynomial exps, a division and the running-maximum selects per element: compute, not bandwidth,
+  is its limit, so the ratio depends on the CPU's vector units (2.5x on the Intel Xeon of an earlier
+  run, 4-5x on the AMD EPYC of the run above, whose probe is ~2x faster). Without a compiler the eager
+  scan runs instead: ~12 separate kernels, each a pass over (T, D), about 2-3x slower.
 - Threads: measured with --threads 1. The 2 vCPUs were shared with other jobs (load average up to
   ~10 during this work): with 2 threads every OpenMP region waits for whichever thread is descheduled,
   which hits operators made of many short kernels far harder than one long SDPA kernel (aft_simple at
