@@ -162,13 +162,23 @@ static void scan_slice_backward(const float* __restrict q, const float* __restri
   }
 }
 
+// Width of the feature slice one job scans. A job that reads part of every row runs 1.6-3x slower per element than
+// one that reads whole rows (measured at T=4096, D=1024: whole rows 5.7 ms, halves 9.2, quarters 12.5; the hardware
+// prefetcher loses the stream), so rows are split only into as many slices as the batch leaves threads idle.
+static int64_t feature_slice(int64_t B, int64_t D) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = B >= threads ? 1 : std::min<int64_t>((threads + B - 1) / B, std::max<int64_t>(D / 16, 1));
+  const int64_t slice = (D + parts - 1) / parts;
+  return std::min<int64_t>(D, (slice + 15) / 16 * 16);
+}
+
 torch::Tensor causal_simple_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                     c10::optional<torch::Tensor> valid) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous q, k, v expected");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 expected");
   auto y = torch::empty_like(q);
   const int64_t B = q.size(0), L = q.size(1), D = q.size(2);
-  const int64_t slice = std::min<int64_t>(D, 256), slices = (D + slice - 1) / slice;
+  const int64_t slice = feature_slice(B, D), slices = (D + slice - 1) / slice;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -188,7 +198,7 @@ std::vector<torch::Tensor> causal_simple_backward(torch::Tensor q, torch::Tensor
               "contiguous q, k, v, grad expected");
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
   const int64_t B = q.size(0), L = q.size(1), D = q.size(2);
-  const int64_t slice = std::min<int64_t>(D, 256), slices = (D + slice - 1) / slice;
+  const int64_t slice = feature_slice(B, D), slices = (D + slice - 1) / slice;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
@@ -478,7 +488,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v15", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v16", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward"],
                                       extra_cflags=_FLAGS, verbose=False)

@@ -104,7 +104,7 @@ MASKS = {
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
-@pytest.mark.parametrize("D", [1, 19, 300])  # a single feature, not a vector multiple, two 256-feature slices
+@pytest.mark.parametrize("D", [1, 19, 300])  # a single feature, not a vector multiple, many vectors
 def test_fused_equals_reference_and_eager(spy, mask, D):
     q, k, v = _inputs(2, 7, D)
     key_mask = MASKS[mask]
@@ -117,6 +117,30 @@ def test_fused_equals_reference_and_eager(spy, mask, D):
     if mask == "fully_masked_row":
         assert torch.equal(fused[0], torch.zeros_like(fused[0]))
     _assert_fused_training_matches(spy, [q, k, v], key_mask)
+
+
+@pytest.mark.parametrize("threads", [3, 8])
+def test_fused_feature_slices_agree_bitwise(spy, threads):
+    """A batch smaller than the thread count splits every row into feature slices (one job each); each feature's
+    arithmetic is the same either way, so forward and gradients must not change by a single bit."""
+    q, k, v = _inputs(1, 50, 300, seed=11)
+    key_mask = torch.ones(1, 50)
+    key_mask[0, :5] = 0
+    cotangent = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
+    op = lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole_rows = _forward_and_grads(op, [q, k, v], cotangent)
+        torch.set_num_threads(threads)
+        sliced = _forward_and_grads(op, [q, k, v], cotangent)
+    finally:
+        torch.set_num_threads(before)
+    assert spy.backward_calls == 2
+    for a, b in zip([whole_rows[0], *whole_rows[1]], [sliced[0], *sliced[1]]):
+        assert torch.equal(a, b)
+    expected = ref.ref_aft_simple(q.double(), k.double(), v.double(), causal=True, key_mask=key_mask)
+    torch.testing.assert_close(sliced[0].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_is_stable_for_extreme_inputs(spy):
