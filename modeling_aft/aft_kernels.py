@@ -48,6 +48,8 @@ _SOURCE = r"""
 #include <cstdint>
 #include <vector>
 
+#define KERNEL_INLINE __attribute__((always_inline)) inline
+
 // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), 2^n from the exponent
 // bits. Clamped at -87 (exp(-87) ~ 1.6e-38, the smallest normal float): the caller's sums are >= 1, so the clamp
 // changes them by < 1e-37 relative.
@@ -215,8 +217,8 @@ std::vector<torch::Tensor> causal_simple_backward(torch::Tensor q, torch::Tensor
   return {dq, dk, dv};
 }
 
-// Causal AFT-conv, one batch row and one head: q, v, y point at the head's first feature of row 0 (row stride D),
-// k at the head's key channel of row 0 (row stride h); w[d] is the bias of offset t - t' = d < s, 0 beyond.
+// Causal AFT-conv, one batch row and one head: k points at the head's key channel of row 0 (row stride h); w[d] is the
+// bias of offset t - t' = d < s, 0 beyond.
 struct ConvHead {
   static constexpr float none = -1e30f;  // "no key": finite, so no inf - inf
   int64_t L, s;
@@ -237,7 +239,7 @@ struct ConvHead {
   }
 
   // Span weights e[d] (key t - d, d < span) of row t under its shift: exp(k - shift) exp(w - bias_shift), or with
-  // the single shift max(k + w) when that row fell back (see conv_head).
+  // the single shift max(k + w) when that row fell back (see ConvScan::row).
   void span_weights(int64_t t, int64_t span, float shift, bool fallback, const float* w, float* e) const {
     for (int64_t d = 0; d < span; ++d) {
       e[d] = fallback ? exp_nonpos(keys[t - d] + w[d] - shift) * use[t - d]
@@ -250,24 +252,40 @@ struct ConvHead {
 // weight of a prefix key is exp(k - prefix_max) rho), 1 / den, the row's shift and whether it fell back.
 enum ConvRow { kPrefixMax, kRho, kInvDen, kShift, kFallback, kRowFields };
 
-// Keys older than the kernel span sit in a running prefix sum (own running maximum); row t is shifted by the maximum
-// of k + w over everything it sees, so every weight is <= 1 and the largest is exactly 1: den >= 1, nothing to
-// underflow. O(s Dv) per row and head. Forward (rows == nullptr): y = sigmoid(q) num / den; for the backward the
-// ungated r goes to y and the per-row fields to rows (kRowFields per row).
-static void conv_head(const float* __restrict q, const float* __restrict k, const float* __restrict v,
-                      const bool* valid, const float* __restrict w, int64_t s, float* __restrict y,
-                      int64_t L, int64_t D, int64_t h, int64_t Dv, float* __restrict rows = nullptr) {
-  const float none = ConvHead::none;
-  const ConvHead head(k, valid, w, L, s, h);
-  const float* keys = head.keys.data();
-  const float* use = head.use.data();
-  std::vector<float> buffers(2 * Dv + 2 * s, 0.f);
-  float* __restrict prefix = buffers.data();
-  float* __restrict acc = prefix + Dv;
-  float* __restrict e = acc + Dv;           // this row's span weights, e[d] for key t - d
-  float* __restrict score = e + s;
-  float prefix_den = 0.f, prefix_max = none;
-  for (int64_t t = 0; t < L; ++t) {
+// Pointers of one batch row and one head: q, v, y (and dq, dv) at the head's first feature of row 0 (row stride D),
+// k (and dk) at its key channel (row stride h), w at its kernel.
+struct ConvSlices {
+  const float *q, *k, *v, *w;
+  float* y;
+};
+
+// One head's forward scan, advanced a row at a time so that a job can walk its heads row by row (reading whole
+// rows: see feature_slice). Keys older than the kernel span sit in a running prefix sum (own running maximum); row t
+// is shifted by the maximum of k + w over everything it sees, so every weight is <= 1 and the largest is exactly 1:
+// den >= 1, nothing to underflow. O(s Dv) per row.
+struct ConvScan {
+  ConvHead head;
+  ConvSlices ptr;
+  int64_t D, Dv;
+  std::vector<float> buffers;
+  float *prefix, *acc, *e, *score;  // e: this row's span weights, e[d] for key t - d
+  float prefix_den = 0.f, prefix_max = ConvHead::none;
+
+  ConvScan(const ConvSlices& slices, const bool* valid, int64_t L, int64_t s, int64_t D_, int64_t h, int64_t Dv_)
+      : head(slices.k, valid, slices.w, L, s, h), ptr(slices), D(D_), Dv(Dv_), buffers(2 * Dv_ + 2 * s, 0.f) {
+    prefix = buffers.data(); acc = prefix + Dv; e = acc + Dv; score = e + s;
+  }
+
+  // Row t. Forward (fields == nullptr): y = sigmoid(q) num / den; for the backward the ungated r goes to y and the
+  // row's kRowFields to fields. Always inlined (here and in ConvGrad): called out of line, gcc must assume that the
+  // stores through the member pointers may move them, keeps a loop scalar, and the forward ran 3.5x slower.
+  KERNEL_INLINE void row(int64_t t, float* __restrict fields) {
+    const float none = ConvHead::none;
+    const int64_t s = head.s;
+    const float* keys = head.keys.data();
+    const float* use = head.use.data();
+    const float* __restrict v = ptr.v;
+    const float* __restrict w = ptr.w;
     const int64_t leaving = t - s;  // the key that moves from the kernel span into the prefix
     if (leaving >= 0 && use[leaving] > 0.f) {
       const float kl = keys[leaving];
@@ -284,14 +302,14 @@ static void conv_head(const float* __restrict q, const float* __restrict k, cons
     // single shift max(k + w) over what it sees, which keeps den >= 1.
     float shift = prefix_den > 0.f ? prefix_max : none;
     for (int64_t d = 0; d < span; ++d) shift = std::fmax(shift, keys[t - d]);
-    float* __restrict yr = y + t * D;
-    float* __restrict row = rows == nullptr ? nullptr : rows + t * kRowFields;
-    if (row != nullptr) {
-      row[kPrefixMax] = prefix_max; row[kRho] = 0.f; row[kInvDen] = 0.f; row[kShift] = shift; row[kFallback] = 0.f;
+    float* __restrict yr = ptr.y + t * D;
+    if (fields != nullptr) {
+      fields[kPrefixMax] = prefix_max; fields[kRho] = 0.f; fields[kInvDen] = 0.f; fields[kShift] = shift;
+      fields[kFallback] = 0.f;
     }
     if (shift <= 0.5f * none) {  // no valid key visible yet
       for (int64_t j = 0; j < Dv; ++j) yr[j] = 0.f;
-      continue;
+      return;
     }
     bool fallback = false;
     head.span_weights(t, span, shift, fallback, w, e);
@@ -310,63 +328,87 @@ static void conv_head(const float* __restrict q, const float* __restrict k, cons
       prefix_scale = prefix_den > 0.f ? exp_nonpos(prefix_max - shift) : 0.f;
       den += prefix_den * prefix_scale;
     }
-    for (int64_t j = 0; j < Dv; ++j) acc[j] = prefix[j] * prefix_scale;
+    float* __restrict a = acc;
+    for (int64_t j = 0; j < Dv; ++j) a[j] = prefix[j] * prefix_scale;
     int64_t d = 0;
     for (; d + 4 <= span; d += 4) {  // four keys per pass over acc
       const float *v0 = v + (t - d) * D, *v1 = v0 - D, *v2 = v1 - D, *v3 = v2 - D;
       const float e0 = e[d], e1 = e[d + 1], e2 = e[d + 2], e3 = e[d + 3];
-      for (int64_t j = 0; j < Dv; ++j) acc[j] += e0 * v0[j] + e1 * v1[j] + e2 * v2[j] + e3 * v3[j];
+      for (int64_t j = 0; j < Dv; ++j) a[j] += e0 * v0[j] + e1 * v1[j] + e2 * v2[j] + e3 * v3[j];
     }
     for (; d < span; ++d) {
       const float* __restrict vd = v + (t - d) * D;
       const float ed = e[d];
-      for (int64_t j = 0; j < Dv; ++j) acc[j] += ed * vd[j];
+      for (int64_t j = 0; j < Dv; ++j) a[j] += ed * vd[j];
     }
-    if (row != nullptr) {
-      row[kRho] = prefix_scale / den; row[kInvDen] = 1.f / den; row[kShift] = shift; row[kFallback] = fallback;
-      for (int64_t j = 0; j < Dv; ++j) yr[j] = acc[j] / den;
-      continue;
+    if (fields != nullptr) {
+      fields[kRho] = prefix_scale / den; fields[kInvDen] = 1.f / den; fields[kShift] = shift;
+      fields[kFallback] = fallback;
+      for (int64_t j = 0; j < Dv; ++j) yr[j] = a[j] / den;
+      return;
     }
-    const float* __restrict qr = q + t * D;
+    const float* __restrict qr = ptr.q + t * D;
     for (int64_t j = 0; j < Dv; ++j) {
       const float x = qr[j];
       const float ez = exp_nonpos(-std::fabs(x));
-      yr[j] = (x > 0.f ? 1.f : ez) * acc[j] / (den * (1.f + ez));
+      yr[j] = (x > 0.f ? 1.f : ez) * a[j] / (den * (1.f + ez));
     }
   }
+};
+
+// Heads [i0, i1) of one batch row: q, k, v, y at that row's first element; the scans (and, when fields is given,
+// each head's kRowFields per row, head after head) walk t in order, all heads per row.
+static std::vector<ConvScan> conv_heads(const float* q, const float* k, const float* v, const bool* valid,
+                                        const float* w, float* y, int64_t L, int64_t D, int64_t h, int64_t s,
+                                        int64_t i0, int64_t i1, float* fields = nullptr) {
+  const int64_t Dv = D / h;
+  std::vector<ConvScan> scans;
+  scans.reserve(i1 - i0);
+  for (int64_t i = i0; i < i1; ++i)
+    scans.emplace_back(ConvSlices{q + i * Dv, k + i, v + i * Dv, w + i * s, y + i * Dv}, valid, L, s, D, h, Dv);
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t i = 0; i < i1 - i0; ++i)
+      scans[i].row(t, fields == nullptr ? nullptr : fields + (i * L + t) * kRowFields);
+  return scans;
 }
 
-// Backward of conv_head: dq and dv (head slices, row stride D), dk (the head's column, stride h), and dw[d] (written).
-// With p the weight of key s in row t (span: e[t - s] / den; prefix: exp(k_s - prefix_max_t) rho_t), a_t = g_t
-// sigmoid(q_t) and r_t the row's mean of v:
+// Backward of one head, a row at a time in reverse: dq and dv (head slices, row stride D), dk (the head's column,
+// stride h), and dw[d]. With p the weight of key s in row t (span: e[t - s] / den; prefix: exp(k_s - prefix_max_t)
+// rho_t), a_t = g_t sigmoid(q_t) and r_t the row's mean of v:
 //   dv_s = sum_t a_t p,   dk_s = sum_t p (a_t . v_s - a_t . r_t),   dw[d] = sum_t p[t, t - d] (a_t . v_{t-d} - a_t . r_t).
 // The span terms are summed row by row; the prefix terms through a reverse scan U_t = sum_{t' >= t} a_t' rho_t'
 // exp(prefix_max_t - prefix_max_t') (and W_t likewise with a_t' . r_t'), read by key t - s as it enters the prefix.
-static void conv_head_backward(const float* __restrict q, const float* __restrict k, const float* __restrict v,
-                               const float* __restrict g, const bool* valid, const float* __restrict w, int64_t s,
-                               float* __restrict dq, float* __restrict dk, float* __restrict dv, float* __restrict dw,
-                               int64_t L, int64_t D, int64_t h, int64_t Dv) {
-  std::vector<float> rows(L * kRowFields);
-  conv_head(q, k, v, valid, w, s, dq, L, D, h, Dv, rows.data());  // r into dq, overwritten row by row below
-  const ConvHead head(k, valid, w, L, s, h);
-  std::vector<float> buffers(Dv + s, 0.f);
-  float* __restrict a = buffers.data();
-  float* __restrict e = a + Dv;
+struct ConvGrad {
+  const ConvScan& scan;  // its head and slices; its y holds r (overwritten with dq row by row)
+  const float *g, *fields;
+  float *dk, *dv;
+  int64_t h;  // dk's row stride
   // the sums over up to L rows (the prefix scan U, W and the kernel gradient) run in double, as in the AFT-simple
   // backward; per-key sums have at most s + 1 terms and stay float
-  std::vector<double> sums(Dv + s, 0.0);
-  double* __restrict U = sums.data();
-  double* __restrict dw_sum = U + Dv;
+  std::vector<double> sums;
+  double* U;
+  double* dw_sum;
   double W = 0.0;
-  float prefix_max_next = rows[(L - 1) * kRowFields + kPrefixMax];
-  for (int64_t t = 0; t < L; ++t) dk[t * h] = 0.f;
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t j = 0; j < Dv; ++j) dv[t * D + j] = 0.f;
-  for (int64_t t = L - 1; t >= 0; --t) {
-    const float* row = rows.data() + t * kRowFields;
+  float prefix_max_next;
+
+  ConvGrad(const ConvScan& scan_, const float* g_, const float* fields_, float* dk_, float* dv_, int64_t h_)
+      : scan(scan_), g(g_), fields(fields_), dk(dk_), dv(dv_), h(h_), sums(scan_.Dv + scan_.head.s, 0.0) {
+    U = sums.data(); dw_sum = U + scan.Dv;
+    const int64_t L = scan.head.L;
+    prefix_max_next = fields[(L - 1) * kRowFields + kPrefixMax];
+    for (int64_t t = 0; t < L; ++t) dk[t * h] = 0.f;
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t j = 0; j < scan.Dv; ++j) dv[t * scan.D + j] = 0.f;
+  }
+
+  // Row t; a and e are scratch of Dv and s floats.
+  KERNEL_INLINE void row(int64_t t, float* __restrict a, float* __restrict e) {
+    const ConvHead& head = scan.head;
+    const int64_t D = scan.D, Dv = scan.Dv, s = head.s;
+    const float* row = fields + t * kRowFields;
     const float inv_den = row[kInvDen];  // 0 for a row that sees no key: it passes no gradient on
-    const float *qr = q + t * D, *gr = g + t * D;
-    float* __restrict dqr = dq + t * D;
+    const float *qr = scan.ptr.q + t * D, *gr = g + t * D, *v = scan.ptr.v;
+    float* __restrict dqr = scan.ptr.y + t * D;
     float ar = 0.f;
 #pragma omp simd reduction(+ : ar)
     for (int64_t j = 0; j < Dv; ++j) {
@@ -391,9 +433,9 @@ static void conv_head_backward(const float* __restrict q, const float* __restric
       for (int64_t j = 0; j < Dv; ++j) { dve[j] += static_cast<float>(p * U[j]); vU += ve[j] * U[j]; }
       dk[entering * h] += static_cast<float>(p * (vU - W));
     }
-    if (inv_den == 0.f) continue;
+    if (inv_den == 0.f) return;
     const int64_t span = std::min<int64_t>(s, t + 1);
-    head.span_weights(t, span, row[kShift], row[kFallback] > 0.f, w, e);
+    head.span_weights(t, span, row[kShift], row[kFallback] > 0.f, scan.ptr.w, e);
     for (int64_t d = 0; d < span; ++d) {
       const float p = e[d] * inv_den;
       if (p == 0.f) continue;
@@ -407,8 +449,7 @@ static void conv_head_backward(const float* __restrict q, const float* __restric
       dw_sum[d] += c;
     }
   }
-  for (int64_t d = 0; d < s; ++d) dw[d] = static_cast<float>(dw_sum[d]);
-}
+};
 
 static void check_conv_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                               const torch::Tensor& kernel) {
@@ -417,20 +458,27 @@ static void check_conv_inputs(const torch::Tensor& q, const torch::Tensor& k, co
   TORCH_CHECK(q.scalar_type() == at::kFloat && kernel.scalar_type() == at::kFloat, "float32 expected");
 }
 
+// Heads per job: all of them (whole rows, see feature_slice) unless the batch leaves threads idle.
+static int64_t head_groups(int64_t B, int64_t h) {
+  const int64_t threads = at::get_num_threads();
+  return B >= threads ? 1 : std::min<int64_t>(h, (threads + B - 1) / B);
+}
+
 torch::Tensor causal_conv1d_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kernel,
                                     c10::optional<torch::Tensor> valid) {
   check_conv_inputs(q, k, v, kernel);
   auto y = torch::empty_like(q);
-  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), h = kernel.size(0), s = kernel.size(1), Dv = D / h;
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), h = kernel.size(0), s = kernel.size(1);
+  const int64_t groups = head_groups(B, h);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* wp = kernel.data_ptr<float>();
   const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, B * h, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t job = lo; job < hi; ++job) {
-      const int64_t b = job / h, i = job % h, offset = b * L * D + i * Dv;
-      conv_head(qp + offset, kp + b * L * h + i, vp + offset, mp ? mp + b * L : nullptr, wp + i * s, s,
-                yp + offset, L, D, h, Dv);
+      const int64_t b = job / groups, group = job % groups, offset = b * L * D;
+      conv_heads(qp + offset, kp + b * L * h, vp + offset, mp ? mp + b * L : nullptr, wp, yp + offset, L, D, h, s,
+                 group * h / groups, (group + 1) * h / groups);
     }
   });
   return y;
@@ -442,19 +490,33 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
   check_conv_inputs(q, k, v, kernel);
   TORCH_CHECK(g.is_contiguous(), "contiguous grad expected");
   const int64_t B = q.size(0), L = q.size(1), D = q.size(2), h = kernel.size(0), s = kernel.size(1), Dv = D / h;
+  const int64_t groups = head_groups(B, h);
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
-  auto dw = torch::empty({B, h, s}, kernel.options());  // one row per job, summed over the batch below
+  auto dw = torch::empty({B, h, s}, kernel.options());  // one row per batch row and head, summed over the batch below
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *wp = kernel.data_ptr<float>(), *gp = g.data_ptr<float>();
   const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dwp = dw.data_ptr<float>();
   if (L > 0) {
-    at::parallel_for(0, B * h, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * groups, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t job = lo; job < hi; ++job) {
-        const int64_t b = job / h, i = job % h, offset = b * L * D + i * Dv, key_offset = b * L * h + i;
-        conv_head_backward(qp + offset, kp + key_offset, vp + offset, gp + offset, mp ? mp + b * L : nullptr,
-                           wp + i * s, s, dqp + offset, dkp + key_offset, dvp + offset, dwp + job * s, L, D, h, Dv);
+        const int64_t b = job / groups, group = job % groups, offset = b * L * D, key_offset = b * L * h;
+        const int64_t i0 = group * h / groups, i1 = (group + 1) * h / groups;
+        std::vector<float> fields((i1 - i0) * L * kRowFields);
+        // r into dq, overwritten row by row below
+        const auto scans = conv_heads(qp + offset, kp + key_offset, vp + offset, mp ? mp + b * L : nullptr, wp,
+                                      dqp + offset, L, D, h, s, i0, i1, fields.data());
+        std::vector<ConvGrad> grads;
+        grads.reserve(i1 - i0);
+        for (int64_t i = i0; i < i1; ++i)
+          grads.emplace_back(scans[i - i0], gp + offset + i * Dv, fields.data() + (i - i0) * L * kRowFields,
+                             dkp + key_offset + i, dvp + offset + i * Dv, h);
+        std::vector<float> scratch(Dv + s);
+        for (int64_t t = L - 1; t >= 0; --t)
+          for (auto& grad : grads) grad.row(t, scratch.data(), scratch.data() + Dv);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t d = 0; d < s; ++d) dwp[(b * h + i) * s + d] = static_cast<float>(grads[i - i0].dw_sum[d]);
       }
     });
   }
@@ -488,7 +550,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v16", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v20", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward"],
                                       extra_cflags=_FLAGS, verbose=False)

@@ -119,30 +119,6 @@ def test_fused_equals_reference_and_eager(spy, mask, D):
     _assert_fused_training_matches(spy, [q, k, v], key_mask)
 
 
-@pytest.mark.parametrize("threads", [3, 8])
-def test_fused_feature_slices_agree_bitwise(spy, threads):
-    """A batch smaller than the thread count splits every row into feature slices (one job each); each feature's
-    arithmetic is the same either way, so forward and gradients must not change by a single bit."""
-    q, k, v = _inputs(1, 50, 300, seed=11)
-    key_mask = torch.ones(1, 50)
-    key_mask[0, :5] = 0
-    cotangent = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
-    op = lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        whole_rows = _forward_and_grads(op, [q, k, v], cotangent)
-        torch.set_num_threads(threads)
-        sliced = _forward_and_grads(op, [q, k, v], cotangent)
-    finally:
-        torch.set_num_threads(before)
-    assert spy.backward_calls == 2
-    for a, b in zip([whole_rows[0], *whole_rows[1]], [sliced[0], *sliced[1]]):
-        assert torch.equal(a, b)
-    expected = ref.ref_aft_simple(q.double(), k.double(), v.double(), causal=True, key_mask=key_mask)
-    torch.testing.assert_close(sliced[0].double(), expected, atol=1e-5, rtol=1e-5)
-
-
 def test_fused_is_stable_for_extreme_inputs(spy):
     q, k, v = _inputs(1, 64, 16, seed=1)
     k[:, 0], k[:, 1:] = 0.0, 1e4  # the first key is exp(-1e4) below every later one: rows must not mix them
@@ -261,3 +237,34 @@ def test_conv1d_training_runs_fused_and_non_causal_stays_eager(spy):
     with torch.no_grad():
         aft_ops.aft_conv1d(q, k, v, kernel, causal=False)
     assert (spy.conv_calls, spy.conv_backward_calls) == (1, 1)
+
+
+@pytest.mark.parametrize("op", ["simple", "conv"])
+@pytest.mark.parametrize("threads", [3, 8])
+def test_fused_row_splits_agree_bitwise(spy, op, threads):
+    """A batch smaller than the thread count splits every row into feature slices (AFT-simple) or head groups
+    (AFT-conv), one job each; each feature's arithmetic is the same either way, so forward and gradients must not
+    change by a single bit."""
+    key_mask = torch.ones(1, 50)
+    key_mask[0, :5] = 0
+    if op == "simple":
+        tensors = _inputs(1, 50, 300, seed=11)
+        fused = lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+        reference = lambda q, k, v: ref.ref_aft_simple(q, k, v, causal=True, key_mask=key_mask)
+    else:
+        tensors = list(_conv_inputs(1, 50, 6, 5, 7, seed=11))
+        fused = lambda q, k, v, w: aft_ops.aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)
+        reference = lambda q, k, v, w: ref.ref_aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)
+    cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(12))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole_rows = _forward_and_grads(fused, tensors, cotangent)
+        torch.set_num_threads(threads)
+        split = _forward_and_grads(fused, tensors, cotangent)
+    finally:
+        torch.set_num_threads(before)
+    assert (spy.conv_backward_calls if op == "conv" else spy.backward_calls) == 2
+    for a, b in zip([whole_rows[0], *whole_rows[1]], [split[0], *split[1]]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(split[0].double(), reference(*(t.double() for t in tensors)), atol=1e-5, rtol=1e-5)
