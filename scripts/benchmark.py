@@ -327,11 +327,13 @@ Notes (what limits each number, and what would change it):
   what SDPA's fused kernel holds besides its ~0.8 MiB of per-thread scratch. AFT-conv's dk has one
   channel per head, which is why it ends below SDPA.
 - aft_simple forward vs the probe: the probe is one fused elementwise kernel. aft_simple's fused
-  forward (an online-softmax scan) also reads q, k, v once and writes y once, but adds two vectorized
-  polynomial exps, a division and the running-maximum selects per element: compute, not bandwidth,
-  is its limit, so the ratio depends on the CPU's vector units (2.5x on the Intel Xeon of an earlier
-  run, 4-5x on the AMD EPYC of the run above, whose probe is ~2x faster). Without a compiler the eager
-  scan runs instead: ~12 separate kernels, each a pass over (T, D), about 2-3x slower.
+  forward (an online-softmax scan) also reads q, k, v once and writes y once, adding two vectorized
+  polynomial exps, a division and the running-maximum selects per element. Each job reads whole
+  rows (AFT-conv: all heads of a row together): scanning 256-feature slices of every row one after
+  another, as an earlier kernel did, ran 2-3x slower per element (the prefetcher loses a stream that
+  skips part of every row; 13.1 ms, 4.7x the probe, at T=8192 on this AMD EPYC). Rows are split
+  into slices (heads into groups) only when the batch leaves threads idle. Without a compiler the
+  eager scan runs instead: ~12 separate kernels, each a pass over (T, D), several times slower.
 - Threads: measured with --threads 1. The 2 vCPUs were shared with other jobs (load average up to
   ~10 during this work): with 2 threads every OpenMP region waits for whichever thread is descheduled,
   which hits operators made of many short kernels far harder than one long SDPA kernel (aft_simple at
