@@ -1,8 +1,9 @@
-"""Fused CPU kernels for the causal AFT-simple and AFT-conv operators, forward and backward.
+"""Fused CPU kernels for the causal AFT-simple, AFT-conv and AFT-local operators, forward and backward.
 
 The eager scans in aft_ops make ~12 passes over (T, D) data (exp, multiply, chunked matmuls, divide, sigmoid, ...)
-and keep a segment's buffers and carries for the backward. Here one loop per (batch row, feature slice or head) walks
-t in order.
+and keep a segment's buffers and carries for the backward. Here one loop per batch row walks t in order, reading whole
+rows (all heads of a row together for AFT-conv); rows are split into feature slices or head groups only when the batch
+leaves threads idle, since a job that reads part of every row runs 2-3x slower per element.
 
 AFT-simple keeps a running maximum m, numerator and denominator (an online softmax):
 
@@ -15,10 +16,18 @@ AFT-conv keeps the keys older than the kernel span in such a running prefix sum 
 with weights exp(k - max k) * exp(w - max(0, max w)) (both factors <= 1 and exact in float32); a row whose den would
 underflow (the largest key meets a very negative bias) is redone with the single shift max(k + w).
 
+AFT-local has a key per feature and a bias per row (the band of w next to the diagonal, built by aft_ops from the
+dense bias or from its factors u vᵀ), so its span weights exp(k_t' - m_t) exp(w_t,t' - bs) are per element. They cost
+no exp: exp(k_t' - m_t) = E_t' rho_t'+1 ... rho_t with E = exp(k - m) and rho = exp(m_prev - m) computed once per row
+(a product of factors <= 1, each exactly 1 while the running maximum stands still), accumulated in registers over the
+s keys. Elements whose den would underflow fall back to the single shift as in AFT-conv.
+
 The backward passes save nothing but the inputs: they rerun the forward scan, writing its per-row state (r = num /
 den, maxima, den) into the gradient buffers they are about to fill, then walk t backwards with a reverse scan
 rescaled by exp(m_t - m_{t+1}) <= 1, overwriting that state with dq, dk, dv row by row. A training step's operator
-memory is therefore y, dq, dk, dv (and, for AFT-conv, a few floats per row and head): what SDPA holds.
+memory is therefore y, dq, dk, dv (and, for AFT-conv, a few floats per row and head): what SDPA holds. AFT-local's
+backward replays its forward a chunk of rows at a time from checkpoints of the running state (O(D) floats every 64
+rows), so it holds y, dq, dk, dv, the band's gradient and two chunks of per-row fields.
 
 In all of them masked keys add exactly 0 and never move a maximum, and a row that has seen no valid key returns 0
 (and passes no gradient on). The exp is a branch-free polynomial (Cody-Waite reduction, ~1 ulp) on non-positive
@@ -46,6 +55,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #define KERNEL_INLINE __attribute__((always_inline)) inline
@@ -522,6 +532,473 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
   }
   return {dq, dk, dv, dw.sum(0)};
 }
+
+// Causal AFT-local: per-feature keys; row t's bias band[g, t, d] for key t - d (d < s; feature j in group g), 0 for the
+// older keys (the prefix: a running sum with its own running maximum pm, like AFT-conv's). Row t is shifted per
+// feature by the running maximum m_t of every key it sees and per group by bs = max(0, max_d band): span weights
+// exp(k - m_t) exp(band - bs), prefix weight exp(pm - m_t - bs), all <= 1. The span weights cost no exp: with
+// E_t' = exp(k_t' - m_t') and rho_t' = exp(m_t'-1 - m_t') (one exp each per element, when row t' is reached),
+//   exp(k_t' - m_t) = E_t' * rho_t'+1 * ... * rho_t,
+// a product accumulated while walking d = t - t' up (every factor <= 1, and exactly 1 while the maximum stands still).
+// An element whose den falls below 1e-20 (its largest key meets a very negative band) is redone with the single
+// shift S = max(k + band) over what it sees and plain exps, which keeps den >= 1. O(s) multiplies per element.
+// Fields of a row kept for the backward, each n floats: r = num / den, the shift S, 1 / den, pm, fallback (0 / 1).
+enum LocalField { kR, kS, kInvDenL, kPm, kFlag, kLocalFields };
+
+struct LocalRows {  // one batch row; q, k, v, y (and dq, dk, dv) at feature j0 of row 0, row stride D
+  const float *q, *k, *v, *band;  // band: (G, L, s), whole
+  const bool* valid;
+  int64_t L, D, n, s, Dg, j0;
+  bool use(int64_t t) const { return valid == nullptr || valid[t]; }
+  const float* band_row(int64_t g, int64_t t) const { return band + (g * L + t) * s; }
+  // groups met by features [j0, j0 + n): local ranges [lo, hi) of group g
+  int64_t first_group() const { return j0 / Dg; }
+  int64_t last_group() const { return (j0 + n - 1) / Dg; }
+  int64_t lo(int64_t g) const { return std::max<int64_t>(g * Dg, j0) - j0; }
+  int64_t hi(int64_t g) const { return std::min<int64_t>((g + 1) * Dg, j0 + n) - j0; }
+  // exp(band - bs) of row t's span, bs = max(0, max band); returns bs
+  float band_weights(int64_t g, int64_t t, int64_t span, float* bw) const {
+    const float* b = band_row(g, t);
+    float bs = 0.f;
+    for (int64_t d = 0; d < span; ++d) bs = std::fmax(bs, b[d]);
+    for (int64_t d = 0; d < span; ++d) bw[d] = exp_nonpos(b[d] - bs);
+    return bs;
+  }
+};
+
+// The running state: maximum m of the keys so far, prefix maximum pm, prefix sums. What a checkpoint holds.
+struct LocalState {
+  std::vector<float> data;
+  float *m, *pm, *pden, *pnum;
+  bool seen = false;  // a valid key so far (the same for every feature)
+  explicit LocalState(int64_t n) : data(4 * n) {
+    point();
+    for (int64_t j = 0; j < n; ++j) { m[j] = ConvHead::none; pm[j] = ConvHead::none; pden[j] = 0.f; pnum[j] = 0.f; }
+  }
+  LocalState(const LocalState& other) : data(other.data), seen(other.seen) { point(); }
+  LocalState& operator=(const LocalState&) = delete;
+  void point() { const int64_t n = data.size() / 4; m = data.data(); pm = m + n; pden = pm + n; pnum = pden + n; }
+};
+
+// E and rho of the last `rows` rows, row t at slot t % rows.
+struct LocalRing {
+  int64_t rows, n;
+  std::vector<float> data;
+  std::vector<const float*> E_span, rho_span;  // row t's span: E of key t - d, rho of row t - d + 1 (d >= 1)
+  LocalRing(int64_t rows_, int64_t n_, int64_t s)
+      : rows(rows_), n(n_), data(2 * rows_ * n_, 0.f), E_span(s), rho_span(s) {}
+  float* E(int64_t t) { return data.data() + (t % rows) * 2 * n; }
+  float* rho(int64_t t) { return E(t) + n; }
+  // the pointers of row t's span, once per row: a modulo per key and feature block would cost more than the block
+  void point_span(int64_t t, int64_t span) {
+    for (int64_t d = 0; d < span; ++d) { E_span[d] = E(t - d); rho_span[d] = d > 0 ? rho(t - d + 1) : E_span[d]; }
+  }
+};
+
+static void local_prefix_add(const float* __restrict k, const float* __restrict v, float* __restrict pm,
+                             float* __restrict pden, float* __restrict pnum, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float diff = k[j] - pm[j];
+    const float ex = exp_nonpos(-std::fabs(diff));
+    const float rescale = diff > 0.f ? ex : 1.f;
+    const float add = diff > 0.f ? 1.f : ex;
+    pnum[j] = pnum[j] * rescale + add * v[j];
+    pden[j] = pden[j] * rescale + add;
+    pm[j] = std::fmax(pm[j], k[j]);
+  }
+}
+
+// Key t joins the running maximum m: E = exp(k - m_new), rho = exp(m - m_new). A masked key (valid false) leaves m
+// as it is: E = 0, rho = 1. (Two loops: one with a runtime select on validity ran 10x slower, unvectorized.)
+static void local_max_add(const float* __restrict k, bool valid, float* __restrict m, float* __restrict E,
+                          float* __restrict rho, int64_t n) {
+  if (!valid) {
+    for (int64_t j = 0; j < n; ++j) { E[j] = 0.f; rho[j] = 1.f; }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float m_new = std::fmax(m[j], k[j]);
+    E[j] = exp_nonpos(k[j] - m_new);
+    rho[j] = exp_nonpos(m[j] - m_new);
+    m[j] = m_new;
+  }
+}
+
+// Row t's state update: key t - s leaves the span for the prefix, key t joins the maximum (and the ring).
+static void local_advance(const LocalRows& x, LocalState& st, LocalRing& ring, int64_t t) {
+  const int64_t leaving = t - x.s;
+  if (leaving >= 0 && x.use(leaving))
+    local_prefix_add(x.k + leaving * x.D, x.v + leaving * x.D, st.pm, st.pden, st.pnum, x.n);
+  local_max_add(x.k + t * x.D, x.use(t), st.m, ring.E(t), ring.rho(t), x.n);
+  st.seen = st.seen || x.use(t);
+}
+
+// 16 floats as one value (gcc/clang vector extension; one zmm register with AVX-512, two ymm otherwise). The span
+// loops below keep their running sums and products in such values: written with arrays, gcc kept them in memory and
+// every key waited on the store of the previous one.
+typedef float Vec16 __attribute__((vector_size(64)));
+static inline Vec16 load16(const float* p) { Vec16 x; std::memcpy(&x, p, sizeof x); return x; }
+static inline void store16(float* p, Vec16 x) { std::memcpy(p, &x, sizeof x); }
+
+// Row t's span for features [j, j + 16 NV): den, num += sum_d E_{t-d} c_d bw[d] (* v_{t-d}), c_d = rho_t ...
+// rho_{t-d+1} (ring.point_span(t) done).
+template <int NV>
+static inline void local_span_block(const LocalRing& ring, const float* v, int64_t t, int64_t span, int64_t D,
+                                    int64_t j, const float* __restrict bw, float* __restrict den,
+                                    float* __restrict num) {
+  Vec16 dacc[NV], nacc[NV], c[NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) {
+    dacc[i] = load16(den + 16 * i); nacc[i] = load16(num + 16 * i);
+    c[i] = load16(ring.E_span[0] + j + 16 * i) * bw[0];  // d = 0: E_t, no rho
+    dacc[i] += c[i];
+    nacc[i] += c[i] * load16(v + t * D + j + 16 * i);
+    c[i] = Vec16{} + 1.f;
+  }
+  for (int64_t d = 1; d < span; ++d) {
+    const float* E = ring.E_span[d] + j;
+    const float* rho = ring.rho_span[d] + j;
+    const float* vr = v + (t - d) * D + j;
+    const float b = bw[d];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) {
+      c[i] *= load16(rho + 16 * i);
+      const Vec16 e = load16(E + 16 * i) * c[i] * b;
+      dacc[i] += e;
+      nacc[i] += e * load16(vr + 16 * i);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) { store16(den + 16 * i, dacc[i]); store16(num + 16 * i, nacc[i]); }
+}
+
+// The same for one feature (the last n % 16).
+static inline void local_span_one(const LocalRing& ring, const float* v, int64_t t, int64_t span, int64_t D, int64_t j,
+                                  const float* bw, float* den, float* num) {
+  float c = 1.f;
+  for (int64_t d = 0; d < span; ++d) {
+    if (d > 0) c *= ring.rho_span[d][j];
+    const float e = ring.E_span[d][j] * c * bw[d];
+    *den += e;
+    *num += e * v[(t - d) * D + j];
+  }
+}
+
+static void local_span(LocalRing& ring, const float* v, int64_t t, int64_t span, int64_t D, const float* bw,
+                       float* den, float* num, int64_t lo, int64_t hi) {
+  ring.point_span(t, span);
+  int64_t j = lo;
+  for (; j + 32 <= hi; j += 32) local_span_block<2>(ring, v, t, span, D, j, bw, den + j, num + j);
+  for (; j + 16 <= hi; j += 16) local_span_block<1>(ring, v, t, span, D, j, bw, den + j, num + j);
+  for (; j < hi; ++j) local_span_one(ring, v, t, span, D, j, bw, den + j, num + j);
+}
+
+// Feature j of row t with the single shift S = max(k + band) and plain exps (den >= 1); returns S.
+static float local_exact(const LocalRows& x, const LocalState& st, int64_t t, int64_t span, const float* b, int64_t j,
+                         float& den, float& num) {
+  const bool prefix = st.pm[j] > 0.5f * ConvHead::none;
+  float shift = prefix ? st.pm[j] : ConvHead::none;
+  for (int64_t d = 0; d < span; ++d)
+    if (x.use(t - d)) shift = std::fmax(shift, x.k[(t - d) * x.D + j] + b[d]);
+  den = prefix ? st.pden[j] * exp_nonpos(st.pm[j] - shift) : 0.f;
+  num = prefix ? st.pnum[j] * exp_nonpos(st.pm[j] - shift) : 0.f;
+  for (int64_t d = 0; d < span; ++d) {
+    if (!x.use(t - d)) continue;
+    const float e = exp_nonpos((x.k[(t - d) * x.D + j] - shift) + b[d]);
+    den += e;
+    num += e * x.v[(t - d) * x.D + j];
+  }
+  return shift;
+}
+
+// Row t after local_advance: sigmoid(q) num / den into out, or, given fields, r = num / den and the row's
+// LocalFields. scratch: 2 n + s floats.
+static void local_row(const LocalRows& x, const LocalState& st, LocalRing& ring, int64_t t, float* __restrict out,
+                      float* __restrict fields, float* __restrict scratch) {
+  const int64_t n = x.n, span = std::min<int64_t>(x.s, t + 1);
+  if (!st.seen) {  // no valid key yet: 0, and nothing flows back (1 / den = 0)
+    for (int64_t j = 0; j < n; ++j) out[j] = 0.f;
+    if (fields) {
+      for (int64_t j = 0; j < kLocalFields * n; ++j) fields[j] = 0.f;
+      for (int64_t j = 0; j < n; ++j) fields[kPm * n + j] = st.pm[j];  // `none`: keeps the reverse rescale <= 1
+    }
+    return;
+  }
+  float* __restrict den = scratch;
+  float* __restrict num = scratch + n;
+  float* __restrict bw = scratch + 2 * n;
+  const float* __restrict m = st.m;
+  const float* __restrict pm = st.pm;
+  float* S = fields ? fields + kS * n : nullptr;
+  float* flag = fields ? fields + kFlag * n : nullptr;
+  for (int64_t g = x.first_group(); g <= x.last_group(); ++g) {
+    const int64_t lo = x.lo(g), hi = x.hi(g);
+    const float bs = x.band_weights(g, t, span, bw);
+    for (int64_t j = lo; j < hi; ++j) {  // branch-free (an empty prefix has pden = pnum = 0), or gcc keeps it scalar
+      const float pf = exp_nonpos(pm[j] - m[j] - bs);
+      den[j] = st.pden[j] * pf;
+      num[j] = st.pnum[j] * pf;
+    }
+    local_span(ring, x.v, t, span, x.D, bw, den, num, lo, hi);
+    float smallest = 1.f;
+#pragma omp simd reduction(min : smallest)
+    for (int64_t j = lo; j < hi; ++j) smallest = std::fmin(smallest, den[j]);
+    if (fields)
+      for (int64_t j = lo; j < hi; ++j) { S[j] = m[j]; flag[j] = 0.f; }
+    if (smallest >= 1e-20f) continue;
+    for (int64_t j = lo; j < hi; ++j) {  // rare
+      if (den[j] >= 1e-20f) continue;
+      const float shift = local_exact(x, st, t, span, x.band_row(g, t), j, den[j], num[j]);
+      if (fields) { S[j] = shift; flag[j] = 1.f; }
+    }
+  }
+  if (fields) {
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = num[j] / den[j];
+      fields[kR * n + j] = out[j];
+      fields[kInvDenL * n + j] = 1.f / den[j];
+      fields[kPm * n + j] = pm[j];
+    }
+    return;
+  }
+  const float* __restrict qr = x.q + t * x.D;
+#pragma omp simd  // without it gcc keeps this loop scalar here ("no vectype"), as it did in AFT-conv's row
+  for (int64_t j = 0; j < n; ++j) {
+    const float xq = qr[j];
+    const float ez = exp_nonpos(-std::fabs(xq));
+    out[j] = (xq > 0.f ? 1.f : ez) * num[j] / (den[j] * (1.f + ez));
+  }
+}
+
+static void local_forward(const LocalRows& x, float* y) {
+  LocalState st(x.n);
+  LocalRing ring(x.s + 1, x.n, x.s);
+  std::vector<float> scratch(2 * x.n + x.s);
+  for (int64_t t = 0; t < x.L; ++t) {
+    local_advance(x, st, ring, t);
+    local_row(x, st, ring, t, y + t * x.D, nullptr, scratch.data());
+  }
+}
+
+// The span terms of row t's backward for features [lo, hi) (fallback elements excluded: local_exact_grad): weights
+// rebuilt from the ring as in local_span_block; dband's sums over features gathered per lane in lanes (s x 16) first.
+template <int NV>
+static inline void local_span_grad_block(const LocalRing& ring, const LocalRows& x, int64_t t, int64_t span, int64_t j,
+                                         const float* __restrict bw, const float* a_in, const float* r_in,
+                                         const float* flag, float* dk, float* dv, float* lanes) {
+  Vec16 a[NV], r[NV], c[NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) {
+    const Vec16 fallback = load16(flag + 16 * i);
+    a[i] = fallback > 0.f ? Vec16{} : load16(a_in + 16 * i);
+    r[i] = load16(r_in + 16 * i);
+    c[i] = Vec16{} + 1.f;
+  }
+  for (int64_t d = 0; d < span; ++d) {
+    const int64_t row = (t - d) * x.D + j;
+    const float* E = ring.E_span[d] + j;
+    const float* rho = ring.rho_span[d] + j;
+    const float b = bw[d];
+    Vec16 lane = load16(lanes + 16 * d);
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) {
+      if (d > 0) c[i] *= load16(rho + 16 * i);
+      const Vec16 ap = a[i] * load16(E + 16 * i) * c[i] * b;
+      const Vec16 grad = ap * (load16(x.v + row + 16 * i) - r[i]);
+      store16(dv + row + 16 * i, load16(dv + row + 16 * i) + ap);
+      store16(dk + row + 16 * i, load16(dk + row + 16 * i) + grad);
+      lane += grad;
+    }
+    store16(lanes + 16 * d, lane);
+  }
+}
+
+static void local_span_grad(const LocalRows& x, LocalRing& ring, int64_t t, int64_t span, const float* bw,
+                            const float* a, const float* r, const float* flag, float* dk, float* dv, float* db,
+                            float* lanes, int64_t lo, int64_t hi) {
+  ring.point_span(t, span);
+  int64_t j = lo;
+  for (; j + 32 <= hi; j += 32) local_span_grad_block<2>(ring, x, t, span, j, bw, a + j, r + j, flag + j, dk, dv, lanes);
+  for (; j + 16 <= hi; j += 16) local_span_grad_block<1>(ring, x, t, span, j, bw, a + j, r + j, flag + j, dk, dv, lanes);
+  for (; j < hi; ++j) {  // the last n % 16 features
+    if (flag[j] > 0.f) continue;
+    float c = 1.f;
+    for (int64_t d = 0; d < span; ++d) {
+      if (d > 0) c *= ring.rho_span[d][j];
+      const int64_t row = (t - d) * x.D + j;
+      const float ap = a[j] * ring.E_span[d][j] * c * bw[d];
+      const float grad = ap * (x.v[row] - r[j]);
+      dv[row] += ap;
+      dk[row] += grad;
+      lanes[16 * d] += grad;
+    }
+  }
+  for (int64_t d = 0; d < span; ++d) {
+    float sum = 0.f;
+    for (int i = 0; i < 16; ++i) { sum += lanes[16 * d + i]; lanes[16 * d + i] = 0.f; }
+    db[d] += sum;
+  }
+}
+
+// The span terms of a fallback element (shift S, plain exps, as local_exact computed it).
+static void local_exact_grad(const LocalRows& x, int64_t t, int64_t span, const float* b, int64_t j, float S, float a,
+                             float r, float* dk, float* dv, float* db) {
+  for (int64_t d = 0; d < span; ++d) {
+    if (!x.use(t - d)) continue;
+    const int64_t row = (t - d) * x.D + j;
+    const float ap = a * exp_nonpos((x.k[row] - S) + b[d]);
+    const float grad = ap * (x.v[row] - r);
+    dv[row] += ap;
+    dk[row] += grad;
+    db[d] += grad;
+  }
+}
+
+// Backward of one job, with p[t, t', j] the weight of key t' in row t and a_t = g_t sigmoid(q_t):
+//   dv_t' = sum_t a_t p,   dk_t' = sum_t a_t p (v_t' - r_t),   dband[g, t, d] = sum_{j in g} a_t p[t, t - d] (v_{t-d} - r_t).
+// Span terms row by row (the weights rebuilt from E and rho as in the forward); prefix terms through the reverse
+// scan U_t = sum_{t'' >= t} a rho_p exp(pm_t - pm_t'') (W likewise with a r), rho_p = prefix weight / den, read by key
+// t - s as it enters the prefix (as in AFT-conv, per feature here). The forward is replayed a chunk at a time from
+// checkpoints of LocalState, so only 2 chunks of fields and of E, rho exist at a time: a chunk of C >= s rows is
+// preceded by a replayed chunk whose E and rho its first rows' spans read.
+static void local_backward(const LocalRows& x, const float* g, float* dq, float* dk, float* dv, float* dband) {
+  const int64_t L = x.L, D = x.D, n = x.n, s = x.s;
+  const int64_t C = std::max<int64_t>(64, s), chunks = (L + C - 1) / C;
+  std::vector<LocalState> checkpoints;
+  checkpoints.reserve(chunks);
+  {
+    LocalState st(n);
+    LocalRing ring(1, n, 1);
+    for (int64_t t = 0; t < L; ++t) {
+      if (t % C == 0) checkpoints.push_back(st);
+      const int64_t leaving = t - s;  // the state only: prefix and maximum
+      if (leaving >= 0 && x.use(leaving))
+        local_prefix_add(x.k + leaving * D, x.v + leaving * D, st.pm, st.pden, st.pnum, n);
+      if (x.use(t)) {
+        for (int64_t j = 0; j < n; ++j) st.m[j] = std::fmax(st.m[j], x.k[t * D + j]);
+        st.seen = true;
+      }
+    }
+  }
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t j = 0; j < n; ++j) { dk[t * D + j] = 0.f; dv[t * D + j] = 0.f; }
+  std::vector<float> fields(C * kLocalFields * n), scratch(3 * n + 2 * s);
+  float* __restrict a = scratch.data() + 2 * n + s;
+  float* __restrict bw = a + n;
+  LocalRing ring(2 * C, n, s);  // rows of this chunk and of the one before
+  std::vector<double> sums(2 * n, 0.0);
+  double* __restrict U = sums.data();
+  double* __restrict W = U + n;
+  std::vector<float> pm_next_buffer(n), db_lanes(s * 16, 0.f);
+  float* __restrict pm_next = pm_next_buffer.data();
+  for (int64_t c = chunks - 1; c >= 0; --c) {
+    const int64_t c0 = c * C, c1 = std::min(L, c0 + C);
+    if (c > 0) {  // E and rho of the chunk before (its rows' own results are not needed)
+      LocalState st(checkpoints[c - 1]);
+      for (int64_t t = c0 - C; t < c0; ++t) local_advance(x, st, ring, t);
+    }
+    LocalState st(checkpoints[c]);
+    for (int64_t t = c0; t < c1; ++t) {  // r into dq, the fields into the chunk's buffer
+      local_advance(x, st, ring, t);
+      local_row(x, st, ring, t, dq + t * D, fields.data() + (t - c0) * kLocalFields * n, scratch.data());
+    }
+    if (c == chunks - 1)
+      for (int64_t j = 0; j < n; ++j) pm_next[j] = fields[((c1 - 1 - c0) * kLocalFields + kPm) * n + j];
+    for (int64_t t = c1 - 1; t >= c0; --t) {
+      const float* f = fields.data() + (t - c0) * kLocalFields * n;
+      const float *r = f + kR * n, *S = f + kS * n, *inv_den = f + kInvDenL * n, *pm = f + kPm * n,
+                  *flag = f + kFlag * n;
+      const float *qr = x.q + t * D, *gr = g + t * D;
+      float* __restrict dqr = dq + t * D;
+      const int64_t span = std::min<int64_t>(s, t + 1);
+      for (int64_t gi = x.first_group(); gi <= x.last_group(); ++gi) {
+        const int64_t lo = x.lo(gi), hi = x.hi(gi);
+        const float bs = x.band_weights(gi, t, span, bw);
+        for (int64_t j = lo; j < hi; ++j) {
+          const float xq = qr[j];
+          const float ez = exp_nonpos(-std::fabs(xq));
+          a[j] = gr[j] * sigmoid_of(xq, ez) * inv_den[j];  // inv_den 0: a row that sees no key passes nothing on
+          const float rho = exp_nonpos(pm[j] - S[j] - (flag[j] > 0.f ? 0.f : bs)) *
+                            static_cast<float>(pm[j] > 0.5f * ConvHead::none);  // branch-free: 0 for an empty prefix
+          const double rescale = exp_nonpos(pm[j] - pm_next[j]);  // <= 1: pm never falls
+          U[j] = U[j] * rescale + static_cast<double>(a[j]) * rho;
+          W[j] = W[j] * rescale + static_cast<double>(a[j]) * rho * r[j];
+          pm_next[j] = pm[j];
+          dqr[j] = gr[j] * r[j] * sigmoid_slope(ez);
+        }
+      }
+      const int64_t entering = t - s;
+      if (entering >= 0 && x.use(entering)) {
+        const float *ke = x.k + entering * D, *ve = x.v + entering * D;
+        float *dke = dk + entering * D, *dve = dv + entering * D;
+        for (int64_t j = 0; j < n; ++j) {
+          const double p = exp_nonpos(ke[j] - pm[j]);  // the key is in this row's prefix: k <= pm
+          dve[j] += static_cast<float>(p * U[j]);
+          dke[j] += static_cast<float>(p * (ve[j] * U[j] - W[j]));
+        }
+      }
+      if (!(inv_den[0] > 0.f)) continue;
+      for (int64_t gi = x.first_group(); gi <= x.last_group(); ++gi) {
+        const int64_t lo = x.lo(gi), hi = x.hi(gi);
+        x.band_weights(gi, t, span, bw);
+        float* db = dband + (gi * L + t) * s;
+        local_span_grad(x, ring, t, span, bw, a, r, flag, dk, dv, db, db_lanes.data(), lo, hi);
+        for (int64_t j = lo; j < hi; ++j)
+          if (flag[j] > 0.f) local_exact_grad(x, t, span, x.band_row(gi, t), j, S[j], a[j], r[j], dk, dv, db);
+      }
+    }
+  }
+}
+
+torch::Tensor causal_local_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor band,
+                                   c10::optional<torch::Tensor> valid) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && band.is_contiguous(),
+              "contiguous q, k, v, band expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && band.scalar_type() == at::kFloat, "float32 expected");
+  auto y = torch::empty_like(q);
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), G = band.size(0), s = band.size(2);
+  const int64_t slice = feature_slice(B, D), slices = (D + slice - 1) / slice;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* bp = band.data_ptr<float>();
+  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, B * slices, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t job = lo; job < hi; ++job) {
+      const int64_t b = job / slices, j0 = (job % slices) * slice, offset = b * L * D + j0;
+      const LocalRows x{qp + offset, kp + offset, vp + offset, bp, mp ? mp + b * L : nullptr,
+                        L, D, std::min(slice, D - j0), s, D / G, j0};
+      local_forward(x, yp + offset);
+    }
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                 torch::Tensor band, torch::Tensor g,
+                                                 c10::optional<torch::Tensor> valid) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && band.is_contiguous() &&
+              g.is_contiguous(), "contiguous q, k, v, band, grad expected");
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), G = band.size(0), s = band.size(2);
+  const int64_t slice = feature_slice(B, D), slices = (D + slice - 1) / slice;
+  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  auto dband = torch::zeros({B * slices, G, L, s}, band.options());  // one per job, summed below
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *bp = band.data_ptr<float>(), *gp = g.data_ptr<float>();
+  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* dbp = dband.data_ptr<float>();
+  if (L > 0) {
+    at::parallel_for(0, B * slices, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t job = lo; job < hi; ++job) {
+        const int64_t b = job / slices, j0 = (job % slices) * slice, offset = b * L * D + j0;
+        const LocalRows x{qp + offset, kp + offset, vp + offset, bp, mp ? mp + b * L : nullptr,
+                          L, D, std::min(slice, D - j0), s, D / G, j0};
+        local_backward(x, gp + offset, dqp + offset, dkp + offset, dvp + offset, dbp + job * G * L * s);
+      }
+    });
+  }
+  return {dq, dk, dv, dband.sum(0)};
+}
 """
 
 # -ffinite-math-only lets gcc vectorize fmax/fabs and the selects; the kernel never produces inf or NaN
@@ -550,9 +1027,10 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v20", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v27", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
-                                                 "causal_conv1d_forward", "causal_conv1d_backward"],
+                                                 "causal_conv1d_forward", "causal_conv1d_backward",
+                                                 "causal_local_forward", "causal_local_backward"],
                                       extra_cflags=_FLAGS, verbose=False)
             except Exception as error:  # no compiler, no ninja, a read-only cache: the eager path still works
                 _failed = True
@@ -589,57 +1067,52 @@ def _valid_keys(key_mask, device):
     return None if key_mask is None else key_mask.to(device=device, dtype=torch.bool).contiguous()
 
 
-class _FusedCausalSimple(torch.autograd.Function):
-    """Keeps only the inputs for the backward, which recomputes the forward's per-row state in place of its outputs."""
+class _FusedCausal(torch.autograd.Function):
+    """One of the fused operators (`name`: simple, conv1d, local) as an autograd Function. Keeps only the inputs for
+    the backward, which recomputes the forward's per-row state in place of its outputs."""
 
     @staticmethod
-    def forward(ctx, module, q, k, v, valid):
-        ctx.module = module
-        ctx.save_for_backward(q, k, v, valid)
-        return module.causal_simple_forward(q, k, v, valid)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        q, k, v, valid = ctx.saved_tensors
-        return None, *ctx.module.causal_simple_backward(q, k, v, grad.contiguous(), valid), None
-
-
-class _FusedCausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, module, q, k, v, kernel, valid):
-        ctx.module = module
-        ctx.save_for_backward(q, k, v, kernel, valid)
-        return module.causal_conv1d_forward(q, k, v, kernel, valid)
+    def forward(ctx, module, name, valid, *inputs):
+        ctx.module, ctx.name = module, name
+        ctx.save_for_backward(valid, *inputs)
+        return getattr(module, f"causal_{name}_forward")(*inputs, valid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, v, kernel, valid = ctx.saved_tensors
-        return None, *ctx.module.causal_conv1d_backward(q, k, v, kernel, grad.contiguous(), valid), None
+        valid, *inputs = ctx.saved_tensors
+        return None, None, None, *getattr(ctx.module, f"causal_{ctx.name}_backward")(*inputs, grad.contiguous(), valid)
+
+
+def _fused(name, inputs, key_mask):
+    """The fused operator `name` on contiguous float32 CPU inputs (through autograd when a gradient is wanted), or None
+    when the kernels do not apply."""
+    module = _module_for(*inputs)
+    if module is None:
+        return None
+    inputs = [x.contiguous() for x in inputs]
+    valid = _valid_keys(key_mask, inputs[0].device)
+    if _needs_grad(*inputs):
+        return _FusedCausal.apply(module, name, valid, *inputs)
+    return getattr(module, f"causal_{name}_forward")(*inputs, valid)
 
 
 def fused_causal_simple(q, k, v, key_mask=None):
     """Causal AFT-simple (gated by sigmoid(q)) with the fused kernels, or None when they do not apply.
     q, k, v (B, T, D). Differentiable: the backward is fused too and holds nothing but dq, dk, dv."""
-    module = _module_for(q, k, v)
-    if module is None:
-        return None
-    q, k, v, valid = q.contiguous(), k.contiguous(), v.contiguous(), _valid_keys(key_mask, q.device)
-    if _needs_grad(q, k, v):
-        return _FusedCausalSimple.apply(module, q, k, v, valid)
-    return module.causal_simple_forward(q, k, v, valid)
+    return _fused("simple", [q, k, v], key_mask)
 
 
 def fused_causal_conv1d(q, k, v, kernel, key_mask=None):
     """Causal AFT-conv (gated by sigmoid(q)) with the fused kernels, or None when they do not apply.
     q, v (B, T, D); k (B, T, h); kernel (h, s): kernel[i, d] is head i's bias at offset t - t' = d. Differentiable
     in q, k, v and kernel, with a fused backward."""
-    module = _module_for(q, k, v, kernel)
-    if module is None:
-        return None
-    q, k, v, kernel = q.contiguous(), k.contiguous(), v.contiguous(), kernel.contiguous()
-    valid = _valid_keys(key_mask, q.device)
-    if _needs_grad(q, k, v, kernel):
-        return _FusedCausalConv1d.apply(module, q, k, v, kernel, valid)
-    return module.causal_conv1d_forward(q, k, v, kernel, valid)
+    return _fused("conv1d", [q, k, v, kernel], key_mask)
+
+
+def fused_causal_local(q, k, v, band, key_mask=None):
+    """Causal AFT-local (gated by sigmoid(q)) with the fused kernels, or None when they do not apply.
+    q, k, v (B, T, D); band (G, T, s) with G dividing D: band[g, t, d] is the bias of key t - d for feature group g
+    (slots with t - d < 0 are never read), 0 for keys older than s. Differentiable in q, k, v and band, with a fused
+    backward that holds dq, dk, dv, the band's gradient and O(D) state per row of the batch."""
+    return _fused("local", [q, k, v, band], key_mask)

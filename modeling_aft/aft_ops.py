@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .aft_kernels import fused_causal_conv1d, fused_causal_simple
+from .aft_kernels import fused_causal_conv1d, fused_causal_local, fused_causal_simple
 
 __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d"]
 
@@ -890,7 +890,8 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
     q, k, v (B, T, D); pos_bias (T', T') or (H, T', T') with T' >= T (top-left T x T used, D divisible
     by H), or the factors (u, v), each (T', r), of w = u vᵀ — then neither the bias nor its gradient is
     ever T x T. Out-of-band keys come from prefix (and suffix) sums, the band from pos_bias' diagonals:
-    O(T window D) time, O(T D) memory, no T x T intermediate.
+    O(T window D) time, O(T D) memory, no T x T intermediate. Causal calls on the CPU in float32 (or cast up
+    to it) run the fused kernels of aft_kernels on that band, forward and backward, when they can be compiled.
     """
     _check_qkv(q, k, v)
     B, T, D = q.shape
@@ -922,7 +923,9 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
             near = (pos[:, None] - torch.arange(Tk, device=q.device)[None, :]).abs() < window
             return torch.where(near[:, None, :], rows, torch.zeros_like(rows))
 
-        y = _linear_variant(qf, kf, vf, band, inside, G, d_lo, d_hi, causal, key_mask, dense_bias)
+        y = fused_causal_local(qf, kf, vf, band, key_mask) if causal else None  # on the CPU, fused both ways
+        if y is None:
+            y = _linear_variant(qf, kf, vf, band, inside, G, d_lo, d_hi, causal, key_mask, dense_bias)
     return y.to(q.dtype)
 
 

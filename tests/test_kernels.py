@@ -1,4 +1,4 @@
-"""The fused CPU kernels for causal AFT-simple and AFT-conv (modeling_aft/aft_kernels.py), forward and backward, vs
+"""The fused CPU kernels for causal AFT-simple, AFT-conv and AFT-local (modeling_aft/aft_kernels.py), forward and backward, vs
 the float64 references and the eager scans, and when the operators use them."""
 
 import pytest
@@ -17,28 +17,26 @@ def kernel():
 
 
 class Spy:
-    """Stands in for the compiled module and counts the calls that reach it: `calls` / `conv_calls` (forward of
-    AFT-simple / AFT-conv), `backward_calls` / `conv_backward_calls`."""
+    """Stands in for the compiled module and counts the calls that reach it: `calls` / `conv_calls` / `local_calls`
+    (forward of AFT-simple / AFT-conv / AFT-local), `backward_calls` / `conv_backward_calls` / `local_backward_calls`."""
+
+    COUNTERS = {"causal_simple_forward": "calls", "causal_simple_backward": "backward_calls",
+                "causal_conv1d_forward": "conv_calls", "causal_conv1d_backward": "conv_backward_calls",
+                "causal_local_forward": "local_calls", "causal_local_backward": "local_backward_calls"}
 
     def __init__(self, module):
         self.module = module
-        self.calls = self.conv_calls = self.backward_calls = self.conv_backward_calls = 0
+        for counter in self.COUNTERS.values():
+            setattr(self, counter, 0)
 
-    def causal_simple_forward(self, *args):
-        self.calls += 1
-        return self.module.causal_simple_forward(*args)
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+        counter = self.COUNTERS[name]
 
-    def causal_simple_backward(self, *args):
-        self.backward_calls += 1
-        return self.module.causal_simple_backward(*args)
-
-    def causal_conv1d_forward(self, *args):
-        self.conv_calls += 1
-        return self.module.causal_conv1d_forward(*args)
-
-    def causal_conv1d_backward(self, *args):
-        self.conv_backward_calls += 1
-        return self.module.causal_conv1d_backward(*args)
+        def counted(*args):
+            setattr(self, counter, getattr(self, counter) + 1)
+            return function(*args)
+        return counted
 
 
 @pytest.fixture
@@ -48,16 +46,24 @@ def spy(kernel, monkeypatch):
     return spy
 
 
-def _eager(q, k, v, key_mask=None, kernel=None):
-    """aft_simple (or aft_conv1d with `kernel`) with the fused paths switched off."""
-    originals = aft_ops.fused_causal_simple, aft_ops.fused_causal_conv1d
-    aft_ops.fused_causal_simple = aft_ops.fused_causal_conv1d = lambda *args: None
+FUSED_PATHS = ("fused_causal_simple", "fused_causal_conv1d", "fused_causal_local")
+
+
+def _eager(q, k, v, key_mask=None, kernel=None, window=None):
+    """aft_simple (aft_conv1d with a `kernel`; aft_local with a pos_bias as `kernel` and a `window`) with the fused
+    paths switched off."""
+    originals = {name: getattr(aft_ops, name) for name in FUSED_PATHS}
+    for name in FUSED_PATHS:
+        setattr(aft_ops, name, lambda *args: None)
     try:
         if kernel is None:
             return aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
+        if window is not None:
+            return aft_ops.aft_local(q, k, v, kernel, window, causal=True, key_mask=key_mask)
         return aft_ops.aft_conv1d(q, k, v, kernel, causal=True, key_mask=key_mask)
     finally:
-        aft_ops.fused_causal_simple, aft_ops.fused_causal_conv1d = originals
+        for name, function in originals.items():
+            setattr(aft_ops, name, function)
 
 
 def _forward_and_grads(fn, tensors, cotangent):
@@ -67,21 +73,26 @@ def _forward_and_grads(fn, tensors, cotangent):
     return out, torch.autograd.grad(out, leaves, cotangent.to(out.dtype))
 
 
-def _assert_fused_training_matches(spy, tensors, key_mask=None, atol=1e-5, rtol=1e-5, against_eager=False):
-    """Forward and every gradient of the fused op (aft_simple for q, k, v; aft_conv1d with a 4th tensor, the kernel)
-    equal the float64 reference (or, for long inputs, the eager scan) and went through the fused backward."""
-    conv = len(tensors) == 4
-    fused_op = (lambda q, k, v, w: aft_ops.aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)) if conv else \
-        (lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask))
-    if against_eager:
-        expected_op = lambda *xs: _eager(*xs[:3], key_mask, *xs[3:])
-    else:
-        expected_op = (lambda q, k, v, w: ref.ref_aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)) if conv \
-            else (lambda q, k, v: ref.ref_aft_simple(q, k, v, causal=True, key_mask=key_mask))
+def _assert_fused_training_matches(spy, tensors, key_mask=None, atol=1e-5, rtol=1e-5, against_eager=False,
+                                   window=None):
+    """Forward and every gradient of the fused op (aft_simple for q, k, v; with a 4th tensor aft_conv1d and its kernel,
+    or, given a window, aft_local and its pos_bias) equal the float64 reference (or, for long inputs, the eager scan)
+    and went through the fused backward."""
+    kind = "simple" if len(tensors) == 3 else "conv" if window is None else "local"
+    fused_op, reference_op = {
+        "simple": (lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask),
+                   lambda q, k, v: ref.ref_aft_simple(q, k, v, causal=True, key_mask=key_mask)),
+        "conv": (lambda q, k, v, w: aft_ops.aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask),
+                 lambda q, k, v, w: ref.ref_aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)),
+        "local": (lambda q, k, v, w: aft_ops.aft_local(q, k, v, w, window, causal=True, key_mask=key_mask),
+                  lambda q, k, v, w: ref.ref_aft_local(q, k, v, w, window, causal=True, key_mask=key_mask)),
+    }[kind]
+    expected_op = (lambda *xs: _eager(*xs[:3], key_mask, *xs[3:], window=window)) if against_eager else reference_op
+    counter = {"simple": "backward_calls", "conv": "conv_backward_calls", "local": "local_backward_calls"}[kind]
     cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    before = (spy.conv_backward_calls if conv else spy.backward_calls)
+    before = getattr(spy, counter)
     out, grads = _forward_and_grads(fused_op, tensors, cotangent)
-    assert (spy.conv_backward_calls if conv else spy.backward_calls) == before + 1
+    assert getattr(spy, counter) == before + 1
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     expected = tensors if against_eager else [t.double() for t in tensors]
     out_ref, grads_ref = _forward_and_grads(expected_op, expected, cotangent)
@@ -171,9 +182,9 @@ def test_fused_backward_keeps_only_the_inputs(kernel):
     """The fused Function saves q, k, v (and the mask) and nothing the size of an activation besides."""
     q, k, v = (x.requires_grad_() for x in _inputs(2, 50, 8, seed=8))
     out = aft_ops.aft_simple(q, k, v, causal=True, key_mask=torch.ones(2, 50))
-    saved = out.grad_fn.saved_tensors
-    assert len(saved) == 4 and all(a is b or torch.equal(a, b) for a, b in zip(saved[:3], (q, k, v)))
-    assert saved[3].dtype == torch.bool
+    valid, *saved = out.grad_fn.saved_tensors
+    assert len(saved) == 3 and all(a is b or torch.equal(a, b) for a, b in zip(saved, (q, k, v)))
+    assert valid.dtype == torch.bool
 
 
 def test_env_switch_disables_the_kernel(kernel, monkeypatch):
@@ -239,22 +250,26 @@ def test_conv1d_training_runs_fused_and_non_causal_stays_eager(spy):
     assert (spy.conv_calls, spy.conv_backward_calls) == (1, 1)
 
 
-@pytest.mark.parametrize("op", ["simple", "conv"])
+@pytest.mark.parametrize("op", ["simple", "conv", "local"])
 @pytest.mark.parametrize("threads", [3, 8])
 def test_fused_row_splits_agree_bitwise(spy, op, threads):
-    """A batch smaller than the thread count splits every row into feature slices (AFT-simple) or head groups
-    (AFT-conv), one job each; each feature's arithmetic is the same either way, so forward and gradients must not
-    change by a single bit."""
+    """A batch smaller than the thread count splits every row into feature slices (AFT-simple, AFT-local) or head
+    groups (AFT-conv), one job each; each feature's arithmetic is the same either way, so forward and gradients must not
+    change by a single bit (AFT-local's bias gradient, a sum over features, only by its order of summation)."""
     key_mask = torch.ones(1, 50)
     key_mask[0, :5] = 0
     if op == "simple":
         tensors = _inputs(1, 50, 300, seed=11)
         fused = lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
         reference = lambda q, k, v: ref.ref_aft_simple(q, k, v, causal=True, key_mask=key_mask)
-    else:
+    elif op == "conv":
         tensors = list(_conv_inputs(1, 50, 6, 5, 7, seed=11))
         fused = lambda q, k, v, w: aft_ops.aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)
         reference = lambda q, k, v, w: ref.ref_aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)
+    else:
+        tensors = [*_inputs(1, 50, 300, seed=11), _bias(50, 3, seed=11)]  # 3 bias groups across the slices
+        fused = lambda q, k, v, w: aft_ops.aft_local(q, k, v, w, 8, causal=True, key_mask=key_mask)
+        reference = lambda q, k, v, w: ref.ref_aft_local(q, k, v, w, 8, causal=True, key_mask=key_mask)
     cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(12))
     before = torch.get_num_threads()
     try:
@@ -264,7 +279,98 @@ def test_fused_row_splits_agree_bitwise(spy, op, threads):
         split = _forward_and_grads(fused, tensors, cotangent)
     finally:
         torch.set_num_threads(before)
-    assert (spy.conv_backward_calls if op == "conv" else spy.backward_calls) == 2
-    for a, b in zip([whole_rows[0], *whole_rows[1]], [split[0], *split[1]]):
-        assert torch.equal(a, b)
+    assert getattr(spy, {"simple": "backward_calls", "conv": "conv_backward_calls",
+                         "local": "local_backward_calls"}[op]) == 2
+    outputs_and_grads = zip([whole_rows[0], *whole_rows[1]], [split[0], *split[1]])
+    for i, (a, b) in enumerate(outputs_and_grads):
+        if op == "local" and i == 4:  # the bias gradient sums over features: per slice first, then the slices
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(a, b)
     torch.testing.assert_close(split[0].double(), reference(*(t.double() for t in tensors)), atol=1e-5, rtol=1e-5)
+
+
+def _bias(T, groups=None, seed=0, scale=2.0):
+    """A random pos_bias: (T, T), or (groups, T, T)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (T, T) if groups is None else (groups, T, T)
+    return torch.randn(shape, generator=gen) * scale
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
+@pytest.mark.parametrize("window, groups", [(1, None), (3, 2), (9, None)])  # window 9 > T: every key in the band
+def test_fused_local_equals_reference_and_eager(spy, mask, window, groups):
+    q, k, v = _inputs(2, 7, 6, seed=13)
+    pos_bias = _bias(7, groups, seed=13)
+    key_mask = MASKS[mask]
+    with torch.no_grad():
+        fused = aft_ops.aft_local(q, k, v, pos_bias, window, causal=True, key_mask=key_mask)
+    assert spy.local_calls == 1
+    expected = ref.ref_aft_local(q.double(), k.double(), v.double(), pos_bias.double(), window, causal=True,
+                                 key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, _eager(q, k, v, key_mask, pos_bias, window), atol=1e-5, rtol=1e-5)
+    if mask == "fully_masked_row":
+        assert torch.equal(fused[0], torch.zeros_like(fused[0]))
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, window=window)
+
+
+def test_fused_local_factorized_bias_and_what_stays_eager(spy):
+    """The model's form w = u vᵀ: the kernel gets the band, autograd takes its gradient on to u and v. Non-causal
+    and float64 calls keep the eager path."""
+    q, k, v = _inputs(2, 40, 8, seed=14)
+    gen = torch.Generator().manual_seed(14)
+    u, w = torch.randn(40, 4, generator=gen), torch.randn(40, 4, generator=gen)
+    key_mask = torch.ones(2, 40)
+    key_mask[1, :6] = 0
+    cotangent = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    fused = lambda q, k, v, u, w: aft_ops.aft_local(q, k, v, (u, w), 8, causal=True, key_mask=key_mask)
+    out, grads = _forward_and_grads(fused, [q, k, v, u, w], cotangent)
+    assert (spy.local_calls, spy.local_backward_calls) == (1, 1)
+    reference = lambda q, k, v, u, w: ref.ref_aft_local(q, k, v, u @ w.T, 8, causal=True, key_mask=key_mask)
+    out_ref, grads_ref = _forward_and_grads(reference, [t.double() for t in (q, k, v, u, w)], cotangent)
+    torch.testing.assert_close(out.double(), out_ref, atol=1e-5, rtol=1e-5)
+    for name, g, g_ref in zip("q k v u w".split(), grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    with torch.no_grad():
+        aft_ops.aft_local(q, k, v, (u, w), 8, causal=False)
+        aft_ops.aft_local(q.double(), k.double(), v.double(), (u.double(), w.double()), 8, causal=True)
+    assert (spy.local_calls, spy.local_backward_calls) == (1, 1)
+
+
+def test_fused_local_is_stable_for_extreme_inputs(spy):
+    q, k, v = _inputs(1, 64, 16, seed=15)
+    pos_bias = _bias(64, seed=15)
+    k[:, 0], k[:, 1:] = 0.0, 1e4  # the first key is exp(-1e4) below every later one
+    k[:, 40:, :8] = -1e4
+    q[:, ::2] *= 1e3
+    pos_bias[10:20] *= 1e3  # biases of +-2000 beside 0 outside the band
+    # rows with no prefix yet whose every key meets a bias near -1000 (3 apart from key to key): exp(bias) underflows,
+    # the single-shift fallback must keep the differences
+    pos_bias[2:6] = -1e3 + 3 * torch.arange(64.0)
+    key_mask = torch.ones(1, 64, dtype=torch.long)
+    key_mask[:, 20:30] = 0
+    k[:, 20:30] = 3e4  # masked keys far above the others must not move any maximum
+    with torch.no_grad():
+        fused = aft_ops.aft_local(q, k, v, pos_bias, 8, causal=True, key_mask=key_mask)
+    assert spy.local_calls == 1 and torch.isfinite(fused).all()
+    expected = ref.ref_aft_local(q.double(), k.double(), v.double(), pos_bias.double(), 8, causal=True,
+                                 key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, window=8)
+
+
+@pytest.mark.parametrize("window", [32, 100])  # the backward replays chunks of max(64, window) rows
+def test_fused_local_long_sequence_matches_reference(spy, window):
+    q, k, v = _inputs(2, 700, 24, seed=16)
+    k = k * 20  # a wide spread of keys: the running maximum moves often (the span weights' products of rho)
+    pos_bias = _bias(700, seed=16)
+    key_mask = torch.ones(2, 700)
+    key_mask[1, 300:360] = 0
+    with torch.no_grad():
+        fused = aft_ops.aft_local(q, k, v, pos_bias, window, causal=True, key_mask=key_mask)
+    assert spy.local_calls == 1
+    torch.testing.assert_close(fused, _eager(q, k, v, key_mask, pos_bias, window), atol=1e-5, rtol=1e-4)
+    # the gradients' float32 rounding grows with T in the eager scan as here (both ~1e-5 of dk at T=1500): against
+    # the float64 reference, with the long-sequence tolerance of the other operators
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, atol=1e-5, rtol=1e-4, window=window)

@@ -25,6 +25,7 @@ DEFAULT_BLOCKS = {n: getattr(ops, n) for n in ("SEGMENT_SIZE", "CHUNK_SIZE", "FU
 def eager_scans(monkeypatch):
     monkeypatch.setattr(ops, "fused_causal_simple", lambda *args: None)
     monkeypatch.setattr(ops, "fused_causal_conv1d", lambda *args: None)
+    monkeypatch.setattr(ops, "fused_causal_local", lambda *args: None)
 
 
 @pytest.fixture(autouse=True)
