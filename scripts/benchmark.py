@@ -311,21 +311,21 @@ OPS_WHY = """\
 Notes (what limits each number, and what would change it):
 - aft_full / aft_local take a dense (T, T) pos_bias, so their backward hands back a dense (T, T)
   gradient: 4 T^2 bytes (256 MiB at T=8192) zero-filled and written every step. That is most of their
-  fwd+bwd peak memory and, for aft_local, a third of its fwd+bwd time (the band itself is written
-  through one strided view). The `aft_local_fixed_bias` row is the same call without that gradient.
-  The `aft_local_factorized` row passes the factors (u, v) of w = u vᵀ (rank 128), as AFTForCausalLM
-  does: the band comes from one batched matmul per chunk of 32 rows against the rows of v it reads,
-  and neither the bias nor its gradient is T x T (its u, v gradients are what it holds above SDPA).
+  fwd+bwd peak memory and much of aft_local's fwd+bwd time. The `aft_local_fixed_bias` row is the
+  same call without that gradient. The `aft_local_factorized` row passes the factors (u, v) of
+  w = u vᵀ (rank 128), as AFTForCausalLM does: the band comes from one batched matmul per chunk of 32
+  rows against the rows of v it reads, and neither the bias nor its gradient is T x T; what it holds
+  above SDPA is the band (T x window), its gradient and the u, v gradients (2 x T x 128 floats).
   aft_full also keeps Z and den (2 x (T, D)) for its backward (one E @ X product fewer), and works on
   512 x 512 tiles of E and 512 x 2D tiles of [P V, P] (~7 MiB), which is its forward overhead over
-  SDPA. aft_local's forward holds the band and its weights (a few (T, window) tensors, 1 MiB each at
-  T=8192) and keeps Z and den for the backward, which then skips re-running the scan.
-- aft_simple / aft_conv1d: on the CPU both directions run the fused kernels of aft_kernels.py. The
-  forward holds the output plus a few (s + D/h) float buffers per head; the backward saves only the
-  inputs, reruns the forward scan into the gradient buffers it is about to fill and overwrites them
-  on a reverse scan, so fwd+bwd holds y, dq, dk, dv (plus, for AFT-conv, 5 floats per row and head):
-  what SDPA's fused kernel holds besides its ~0.8 MiB of per-thread scratch. AFT-conv's dk has one
-  channel per head, which is why it ends below SDPA.
+  SDPA.
+- aft_simple / aft_conv1d / aft_local: on the CPU both directions run the fused kernels of
+  aft_kernels.py. The forward holds the output plus O(D) (AFT-conv: O(s + D/h) per head) floats of
+  state; the backward saves only the inputs, reruns the forward scan (AFT-local: a chunk of 64 rows at
+  a time, from checkpoints of the running state) and overwrites the gradient buffers on a reverse
+  scan, so fwd+bwd holds y, dq, dk, dv (plus, for AFT-conv, 5 floats per row and head; for AFT-local
+  the band's gradient): what SDPA's fused kernel holds besides its ~0.8 MiB of per-thread scratch.
+  AFT-conv's dk has one channel per head, which is why it ends below SDPA.
 - aft_simple forward vs the probe: the probe is one fused elementwise kernel. aft_simple's fused
   forward (an online-softmax scan) also reads q, k, v once and writes y once, adding two vectorized
   polynomial exps, a division and the running-maximum selects per element. Each job reads whole
