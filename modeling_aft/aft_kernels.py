@@ -82,6 +82,21 @@ static inline float exp_nonpos(float x) {
 static inline float sigmoid_of(float x, float ez) { return (x > 0.f ? 1.f : ez) / (1.f + ez); }
 static inline float sigmoid_slope(float ez) { return ez / ((1.f + ez) * (1.f + ez)); }
 
+// One step of an online softmax per feature: key k (value v) joins the running maximum m, den = sum exp(k - m) and
+// num = sum exp(k - m) v, rescaled by exp(m - m') when the maximum moves (one exp per element either way).
+static void online_softmax_add(const float* __restrict k, const float* __restrict v, float* __restrict m,
+                               float* __restrict den, float* __restrict num, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float diff = k[j] - m[j];
+    const float ex = exp_nonpos(-std::fabs(diff));
+    const float rescale = diff > 0.f ? ex : 1.f;
+    const float add = diff > 0.f ? 1.f : ex;
+    num[j] = num[j] * rescale + add * v[j];
+    den[j] = den[j] * rescale + add;
+    m[j] = std::fmax(m[j], k[j]);
+  }
+}
+
 // One batch row, features [0, n) of a row of D: t in order, so each row of q, k, v is one contiguous read.
 // Forward (m_out == nullptr): y = sigmoid(q) num / den. For the backward (m_out, den_out given): the ungated
 // r = num / den goes to y, and the running maximum and den of every row to m_out, den_out (same layout as y).
@@ -99,18 +114,7 @@ static void scan_slice(const float* __restrict q, const float* __restrict k, con
     const float* __restrict vr = v + t * D;
     const float* __restrict qr = q + t * D;
     float* __restrict yr = y + t * D;
-    if (valid == nullptr || valid[t]) {  // a masked key leaves m, num and den as they are
-      for (int64_t j = 0; j < n; ++j) {
-        const float kj = kr[j];
-        const float diff = kj - m[j];
-        const float ex = exp_nonpos(-std::fabs(diff));
-        const float rescale = diff > 0.f ? ex : 1.f;
-        const float add = diff > 0.f ? 1.f : ex;
-        num[j] = num[j] * rescale + add * vr[j];
-        den[j] = den[j] * rescale + add;
-        m[j] = std::fmax(m[j], kj);
-      }
-    }
+    if (valid == nullptr || valid[t]) online_softmax_add(kr, vr, m, den, num, n);  // a masked key changes nothing
     if (m_out != nullptr) {
       for (int64_t j = 0; j < n; ++j) {
         yr[j] = den[j] > 0.f ? num[j] / den[j] : 0.f;
@@ -595,19 +599,6 @@ struct LocalRing {
   }
 };
 
-static void local_prefix_add(const float* __restrict k, const float* __restrict v, float* __restrict pm,
-                             float* __restrict pden, float* __restrict pnum, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float diff = k[j] - pm[j];
-    const float ex = exp_nonpos(-std::fabs(diff));
-    const float rescale = diff > 0.f ? ex : 1.f;
-    const float add = diff > 0.f ? 1.f : ex;
-    pnum[j] = pnum[j] * rescale + add * v[j];
-    pden[j] = pden[j] * rescale + add;
-    pm[j] = std::fmax(pm[j], k[j]);
-  }
-}
-
 // Key t joins the running maximum m: E = exp(k - m_new), rho = exp(m - m_new). A masked key (valid false) leaves m
 // as it is: E = 0, rho = 1. (Two loops: one with a runtime select on validity ran 10x slower, unvectorized.)
 static void local_max_add(const float* __restrict k, bool valid, float* __restrict m, float* __restrict E,
@@ -628,7 +619,7 @@ static void local_max_add(const float* __restrict k, bool valid, float* __restri
 static void local_advance(const LocalRows& x, LocalState& st, LocalRing& ring, int64_t t) {
   const int64_t leaving = t - x.s;
   if (leaving >= 0 && x.use(leaving))
-    local_prefix_add(x.k + leaving * x.D, x.v + leaving * x.D, st.pm, st.pden, st.pnum, x.n);
+    online_softmax_add(x.k + leaving * x.D, x.v + leaving * x.D, st.pm, st.pden, st.pnum, x.n);
   local_max_add(x.k + t * x.D, x.use(t), st.m, ring.E(t), ring.rho(t), x.n);
   st.seen = st.seen || x.use(t);
 }
@@ -868,16 +859,10 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
   checkpoints.reserve(chunks);
   {
     LocalState st(n);
-    LocalRing ring(1, n, 1);
+    LocalRing ring(1, n, 1);  // E and rho are not needed here: one row to write them to
     for (int64_t t = 0; t < L; ++t) {
       if (t % C == 0) checkpoints.push_back(st);
-      const int64_t leaving = t - s;  // the state only: prefix and maximum
-      if (leaving >= 0 && x.use(leaving))
-        local_prefix_add(x.k + leaving * D, x.v + leaving * D, st.pm, st.pden, st.pnum, n);
-      if (x.use(t)) {
-        for (int64_t j = 0; j < n; ++j) st.m[j] = std::fmax(st.m[j], x.k[t * D + j]);
-        st.seen = true;
-      }
+      local_advance(x, st, ring, t);
     }
   }
   for (int64_t t = 0; t < L; ++t)
@@ -911,6 +896,8 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
       const float *qr = x.q + t * D, *gr = g + t * D;
       float* __restrict dqr = dq + t * D;
       const int64_t span = std::min<int64_t>(s, t + 1);
+      const int64_t entering = t - s;  // the key that enters this row's prefix
+      const bool seen = inv_den[0] > 0.f;
       for (int64_t gi = x.first_group(); gi <= x.last_group(); ++gi) {
         const int64_t lo = x.lo(gi), hi = x.hi(gi);
         const float bs = x.band_weights(gi, t, span, bw);
@@ -926,21 +913,16 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
           pm_next[j] = pm[j];
           dqr[j] = gr[j] * r[j] * sigmoid_slope(ez);
         }
-      }
-      const int64_t entering = t - s;
-      if (entering >= 0 && x.use(entering)) {
-        const float *ke = x.k + entering * D, *ve = x.v + entering * D;
-        float *dke = dk + entering * D, *dve = dv + entering * D;
-        for (int64_t j = 0; j < n; ++j) {
-          const double p = exp_nonpos(ke[j] - pm[j]);  // the key is in this row's prefix: k <= pm
-          dve[j] += static_cast<float>(p * U[j]);
-          dke[j] += static_cast<float>(p * (ve[j] * U[j] - W[j]));
+        if (entering >= 0 && x.use(entering)) {
+          const float *ke = x.k + entering * D, *ve = x.v + entering * D;
+          float *dke = dk + entering * D, *dve = dv + entering * D;
+          for (int64_t j = lo; j < hi; ++j) {
+            const double p = exp_nonpos(ke[j] - pm[j]);  // the key is in this row's prefix: k <= pm
+            dve[j] += static_cast<float>(p * U[j]);
+            dke[j] += static_cast<float>(p * (ve[j] * U[j] - W[j]));
+          }
         }
-      }
-      if (!(inv_den[0] > 0.f)) continue;
-      for (int64_t gi = x.first_group(); gi <= x.last_group(); ++gi) {
-        const int64_t lo = x.lo(gi), hi = x.hi(gi);
-        x.band_weights(gi, t, span, bw);
+        if (!seen) continue;
         float* db = dband + (gi * L + t) * s;
         local_span_grad(x, ring, t, span, bw, a, r, flag, dk, dv, db, db_lanes.data(), lo, hi);
         for (int64_t j = lo; j < hi; ++j)
@@ -1027,7 +1009,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v27", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v28", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward"],
