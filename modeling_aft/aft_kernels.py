@@ -513,18 +513,21 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dwp = dw.data_ptr<float>();
   if (L > 0) {
+    // per job, the fields of its heads' rows: a tensor, so that memory profiles see it
+    const int64_t job_fields = (h + groups - 1) / groups * L * kRowFields;
+    auto work = torch::empty({B * groups, job_fields}, q.options());
     at::parallel_for(0, B * groups, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t job = lo; job < hi; ++job) {
         const int64_t b = job / groups, group = job % groups, offset = b * L * D, key_offset = b * L * h;
         const int64_t i0 = group * h / groups, i1 = (group + 1) * h / groups;
-        std::vector<float> fields((i1 - i0) * L * kRowFields);
+        float* fields = work.data_ptr<float>() + job * job_fields;
         // r into dq, overwritten row by row below
         const auto scans = conv_heads(qp + offset, kp + key_offset, vp + offset, mp ? mp + b * L : nullptr, wp,
-                                      dqp + offset, L, D, h, s, i0, i1, fields.data());
+                                      dqp + offset, L, D, h, s, i0, i1, fields);
         std::vector<ConvGrad> grads;
         grads.reserve(i1 - i0);
         for (int64_t i = i0; i < i1; ++i)
-          grads.emplace_back(scans[i - i0], gp + offset + i * Dv, fields.data() + (i - i0) * L * kRowFields,
+          grads.emplace_back(scans[i - i0], gp + offset + i * Dv, fields + (i - i0) * L * kRowFields,
                              dkp + key_offset + i, dvp + offset + i * Dv, h);
         std::vector<float> scratch(Dv + s);
         for (int64_t t = L - 1; t >= 0; --t)
@@ -546,23 +549,49 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
 // a product accumulated while walking d = t - t' up (every factor <= 1, and exactly 1 while the maximum stands still).
 // An element whose den falls below 1e-20 (its largest key meets a very negative band) is redone with the single
 // shift S = max(k + band) over what it sees and plain exps, which keeps den >= 1. O(s) multiplies per element.
-// Fields of a row kept for the backward, each n floats: r = num / den, the shift S, 1 / den, pm, fallback (0 / 1).
-enum LocalField { kR, kS, kInvDenL, kPm, kFlag, kLocalFields };
+// Fields of a row kept for the backward, each n floats: the shift S, 1 / den, pm, fallback (0 / 1); r = num / den
+// goes to the row of dq.
+enum LocalField { kS, kInvDenL, kPm, kFlag, kLocalFields };
+
+// Where row t's bias comes from: a strided source (a (G, L, s) band, b[d] = row[d]; or the dense (G, T', T') bias
+// itself, read from the diagonal backwards: b[d] = w[g, t, t - d]), or the factors u, v (T', r) of w = u vᵀ (one
+// r-long dot product per key: no band or T x T bias exists).
+struct LocalBias {
+  const float* base;
+  int64_t group_stride, row_stride, step;
+  const float *u = nullptr, *v = nullptr;
+  int64_t r = 0;
+  void fill(int64_t g, int64_t t, int64_t span, float* __restrict b) const {
+    if (u != nullptr) {
+      const float* __restrict ut = u + t * r;
+      for (int64_t d = 0; d < span; ++d) {
+        const float* __restrict vt = v + (t - d) * r;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < r; ++i) dot += ut[i] * vt[i];
+        b[d] = dot;
+      }
+      return;
+    }
+    const float* row = base + g * group_stride + t * row_stride;
+    for (int64_t d = 0; d < span; ++d) b[d] = row[d * step];
+  }
+};
 
 struct LocalRows {  // one batch row; q, k, v, y (and dq, dk, dv) at feature j0 of row 0, row stride D
-  const float *q, *k, *v, *band;  // band: (G, L, s), whole
+  const float *q, *k, *v;
+  LocalBias bias;
   const bool* valid;
   int64_t L, D, n, s, Dg, j0;
   bool use(int64_t t) const { return valid == nullptr || valid[t]; }
-  const float* band_row(int64_t g, int64_t t) const { return band + (g * L + t) * s; }
   // groups met by features [j0, j0 + n): local ranges [lo, hi) of group g
   int64_t first_group() const { return j0 / Dg; }
   int64_t last_group() const { return (j0 + n - 1) / Dg; }
   int64_t lo(int64_t g) const { return std::max<int64_t>(g * Dg, j0) - j0; }
   int64_t hi(int64_t g) const { return std::min<int64_t>((g + 1) * Dg, j0 + n) - j0; }
-  // exp(band - bs) of row t's span, bs = max(0, max band); returns bs
-  float band_weights(int64_t g, int64_t t, int64_t span, float* bw) const {
-    const float* b = band_row(g, t);
+  // row t's span of the bias into b, exp(b - bs) into bw, bs = max(0, max b); returns bs
+  float band_weights(int64_t g, int64_t t, int64_t span, float* __restrict b, float* __restrict bw) const {
+    bias.fill(g, t, span, b);
     float bs = 0.f;
     for (int64_t d = 0; d < span; ++d) bs = std::fmax(bs, b[d]);
     for (int64_t d = 0; d < span; ++d) bw[d] = exp_nonpos(b[d] - bs);
@@ -570,7 +599,9 @@ struct LocalRows {  // one batch row; q, k, v, y (and dq, dk, dv) at feature j0 
   }
 };
 
-// The running state: maximum m of the keys so far, prefix maximum pm, prefix sums. What a checkpoint holds.
+// The running state: maximum m of the keys so far, prefix maximum pm, prefix sums. What a checkpoint holds: kStateRows
+// rows of n floats (stride apart) written by save and read by the loading constructor.
+constexpr int64_t kStateRows = 5;
 struct LocalState {
   std::vector<float> data;
   float *m, *pm, *pden, *pnum;
@@ -579,19 +610,28 @@ struct LocalState {
     point();
     for (int64_t j = 0; j < n; ++j) { m[j] = ConvHead::none; pm[j] = ConvHead::none; pden[j] = 0.f; pnum[j] = 0.f; }
   }
-  LocalState(const LocalState& other) : data(other.data), seen(other.seen) { point(); }
+  LocalState(int64_t n, const float* saved, int64_t stride) : data(4 * n), seen(saved[4 * stride] > 0.f) {
+    for (int64_t i = 0; i < 4; ++i) std::copy(saved + i * stride, saved + i * stride + n, data.data() + i * n);
+    point();
+  }
+  LocalState(const LocalState&) = delete;
   LocalState& operator=(const LocalState&) = delete;
+  void save(float* to, int64_t stride) const {
+    const int64_t n = data.size() / 4;
+    for (int64_t i = 0; i < 4; ++i) std::copy(data.data() + i * n, data.data() + (i + 1) * n, to + i * stride);
+    to[4 * stride] = seen ? 1.f : 0.f;
+  }
   void point() { const int64_t n = data.size() / 4; m = data.data(); pm = m + n; pden = pm + n; pnum = pden + n; }
 };
 
-// E and rho of the last `rows` rows, row t at slot t % rows.
+// E and rho of the last `rows` rows, row t at slot t % rows, in ring_floats(rows, n) floats of a workspace.
+static int64_t ring_floats(int64_t rows, int64_t n) { return 2 * rows * n; }
 struct LocalRing {
   int64_t rows, n;
-  std::vector<float> data;
+  float* data;
   std::vector<const float*> E_span, rho_span;  // row t's span: E of key t - d, rho of row t - d + 1 (d >= 1)
-  LocalRing(int64_t rows_, int64_t n_, int64_t s)
-      : rows(rows_), n(n_), data(2 * rows_ * n_, 0.f), E_span(s), rho_span(s) {}
-  float* E(int64_t t) { return data.data() + (t % rows) * 2 * n; }
+  LocalRing(int64_t rows_, int64_t n_, int64_t s, float* data_) : rows(rows_), n(n_), data(data_), E_span(s), rho_span(s) {}
+  float* E(int64_t t) { return data + (t % rows) * 2 * n; }
   float* rho(int64_t t) { return E(t) + n; }
   // the pointers of row t's span, once per row: a modulo per key and feature block would cost more than the block
   void point_span(int64_t t, int64_t span) {
@@ -703,7 +743,8 @@ static float local_exact(const LocalRows& x, const LocalState& st, int64_t t, in
 }
 
 // Row t after local_advance: sigmoid(q) num / den into out, or, given fields, r = num / den and the row's
-// LocalFields. scratch: 2 n + s floats.
+// LocalFields. scratch: local_row_scratch(n, s) floats.
+static int64_t local_row_scratch(int64_t n, int64_t s) { return 2 * n + 2 * s; }
 static void local_row(const LocalRows& x, const LocalState& st, LocalRing& ring, int64_t t, float* __restrict out,
                       float* __restrict fields, float* __restrict scratch) {
   const int64_t n = x.n, span = std::min<int64_t>(x.s, t + 1);
@@ -718,13 +759,14 @@ static void local_row(const LocalRows& x, const LocalState& st, LocalRing& ring,
   float* __restrict den = scratch;
   float* __restrict num = scratch + n;
   float* __restrict bw = scratch + 2 * n;
+  float* __restrict b = bw + x.s;
   const float* __restrict m = st.m;
   const float* __restrict pm = st.pm;
   float* S = fields ? fields + kS * n : nullptr;
   float* flag = fields ? fields + kFlag * n : nullptr;
   for (int64_t g = x.first_group(); g <= x.last_group(); ++g) {
     const int64_t lo = x.lo(g), hi = x.hi(g);
-    const float bs = x.band_weights(g, t, span, bw);
+    const float bs = x.band_weights(g, t, span, b, bw);
     for (int64_t j = lo; j < hi; ++j) {  // branch-free (an empty prefix has pden = pnum = 0), or gcc keeps it scalar
       const float pf = exp_nonpos(pm[j] - m[j] - bs);
       den[j] = st.pden[j] * pf;
@@ -739,14 +781,13 @@ static void local_row(const LocalRows& x, const LocalState& st, LocalRing& ring,
     if (smallest >= 1e-20f) continue;
     for (int64_t j = lo; j < hi; ++j) {  // rare
       if (den[j] >= 1e-20f) continue;
-      const float shift = local_exact(x, st, t, span, x.band_row(g, t), j, den[j], num[j]);
+      const float shift = local_exact(x, st, t, span, b, j, den[j], num[j]);
       if (fields) { S[j] = shift; flag[j] = 1.f; }
     }
   }
   if (fields) {
     for (int64_t j = 0; j < n; ++j) {
       out[j] = num[j] / den[j];
-      fields[kR * n + j] = out[j];
       fields[kInvDenL * n + j] = 1.f / den[j];
       fields[kPm * n + j] = pm[j];
     }
@@ -761,10 +802,12 @@ static void local_row(const LocalRows& x, const LocalState& st, LocalRing& ring,
   }
 }
 
-static void local_forward(const LocalRows& x, float* y) {
+// work: local_forward_work(n, s) floats
+static int64_t local_forward_work(int64_t n, int64_t s) { return ring_floats(s + 1, n); }
+static void local_forward(const LocalRows& x, float* y, float* work) {
   LocalState st(x.n);
-  LocalRing ring(x.s + 1, x.n, x.s);
-  std::vector<float> scratch(2 * x.n + x.s);
+  LocalRing ring(x.s + 1, x.n, x.s, work);
+  std::vector<float> scratch(local_row_scratch(x.n, x.s));
   for (int64_t t = 0; t < x.L; ++t) {
     local_advance(x, st, ring, t);
     local_row(x, st, ring, t, y + t * x.D, nullptr, scratch.data());
@@ -852,25 +895,40 @@ static void local_exact_grad(const LocalRows& x, int64_t t, int64_t span, const 
 // t - s as it enters the prefix (as in AFT-conv, per feature here). The forward is replayed a chunk at a time from
 // checkpoints of LocalState, so only 2 chunks of fields and of E, rho exist at a time: a chunk of C >= s rows is
 // preceded by a replayed chunk whose E and rho its first rows' spans read.
-static void local_backward(const LocalRows& x, const float* g, float* dq, float* dk, float* dv, float* dband) {
+// The rows per replayed chunk (>= s: a chunk's spans reach into the one before only; >= kStateRows: see below), and
+// the workspace of local_backward in floats: a chunk's fields, and a ring for the chunk and the s rows before it.
+static int64_t local_chunk(int64_t s) { return std::max<int64_t>(32, s); }
+static int64_t local_backward_work(int64_t n, int64_t s) {
+  const int64_t C = local_chunk(s);
+  return C * kLocalFields * n + ring_floats(C + s, n);
+}
+// dband: (G, L, s) of this job, or nullptr when the bias needs no gradient.
+static void local_backward(const LocalRows& x, const float* g, float* dq, float* dk, float* dv, float* dband,
+                           float* work) {
   const int64_t L = x.L, D = x.D, n = x.n, s = x.s;
-  const int64_t C = std::max<int64_t>(64, s), chunks = (L + C - 1) / C;
-  std::vector<LocalState> checkpoints;
-  checkpoints.reserve(chunks);
+  const int64_t C = local_chunk(s), chunks = (L + C - 1) / C;
+  // Checkpoint c >= 1 (the state before row c C) lives in the first rows of dq's chunk c - 1: chunk c - 1 is
+  // processed after chunks c and c + 1, the last to read it, and only then are those rows written.
+  const auto checkpoint = [&](int64_t c) { return dq + (c - 1) * C * D; };
+  float* fields = work;
   {
     LocalState st(n);
-    LocalRing ring(1, n, 1);  // E and rho are not needed here: one row to write them to
+    std::vector<float> row(ring_floats(1, n));
+    LocalRing ring(1, n, 1, row.data());  // E and rho are not needed here: one row to write them to
     for (int64_t t = 0; t < L; ++t) {
-      if (t % C == 0) checkpoints.push_back(st);
+      if (t > 0 && t % C == 0) st.save(checkpoint(t / C), D);
       local_advance(x, st, ring, t);
     }
   }
+  const auto load = [&](int64_t c) { return c == 0 ? LocalState(n) : LocalState(n, checkpoint(c), D); };
   for (int64_t t = 0; t < L; ++t)
     for (int64_t j = 0; j < n; ++j) { dk[t * D + j] = 0.f; dv[t * D + j] = 0.f; }
-  std::vector<float> fields(C * kLocalFields * n), scratch(3 * n + 2 * s);
-  float* __restrict a = scratch.data() + 2 * n + s;
-  float* __restrict bw = a + n;
-  LocalRing ring(2 * C, n, s);  // rows of this chunk and of the one before
+  std::vector<float> scratch(local_row_scratch(n, s) + 2 * n + 2 * s), unused_dband(s);
+  float* __restrict a = scratch.data() + local_row_scratch(n, s);
+  float* __restrict r = a + n;
+  float* __restrict bw = r + n;
+  float* __restrict b = bw + s;
+  LocalRing ring(C + s, n, s, fields + C * kLocalFields * n);
   std::vector<double> sums(2 * n, 0.0);
   double* __restrict U = sums.data();
   double* __restrict W = U + n;
@@ -879,28 +937,28 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
   for (int64_t c = chunks - 1; c >= 0; --c) {
     const int64_t c0 = c * C, c1 = std::min(L, c0 + C);
     if (c > 0) {  // E and rho of the chunk before (its rows' own results are not needed)
-      LocalState st(checkpoints[c - 1]);
+      LocalState st = load(c - 1);
       for (int64_t t = c0 - C; t < c0; ++t) local_advance(x, st, ring, t);
     }
-    LocalState st(checkpoints[c]);
+    LocalState st = load(c);
     for (int64_t t = c0; t < c1; ++t) {  // r into dq, the fields into the chunk's buffer
       local_advance(x, st, ring, t);
-      local_row(x, st, ring, t, dq + t * D, fields.data() + (t - c0) * kLocalFields * n, scratch.data());
+      local_row(x, st, ring, t, dq + t * D, fields + (t - c0) * kLocalFields * n, scratch.data());
     }
     if (c == chunks - 1)
       for (int64_t j = 0; j < n; ++j) pm_next[j] = fields[((c1 - 1 - c0) * kLocalFields + kPm) * n + j];
     for (int64_t t = c1 - 1; t >= c0; --t) {
-      const float* f = fields.data() + (t - c0) * kLocalFields * n;
-      const float *r = f + kR * n, *S = f + kS * n, *inv_den = f + kInvDenL * n, *pm = f + kPm * n,
-                  *flag = f + kFlag * n;
+      const float* f = fields + (t - c0) * kLocalFields * n;
+      const float *S = f + kS * n, *inv_den = f + kInvDenL * n, *pm = f + kPm * n, *flag = f + kFlag * n;
       const float *qr = x.q + t * D, *gr = g + t * D;
       float* __restrict dqr = dq + t * D;
+      std::copy(dqr, dqr + n, r);  // r = num / den, which dq's row held until now
       const int64_t span = std::min<int64_t>(s, t + 1);
       const int64_t entering = t - s;  // the key that enters this row's prefix
       const bool seen = inv_den[0] > 0.f;
       for (int64_t gi = x.first_group(); gi <= x.last_group(); ++gi) {
         const int64_t lo = x.lo(gi), hi = x.hi(gi);
-        const float bs = x.band_weights(gi, t, span, bw);
+        const float bs = x.band_weights(gi, t, span, b, bw);
         for (int64_t j = lo; j < hi; ++j) {
           const float xq = qr[j];
           const float ez = exp_nonpos(-std::fabs(xq));
@@ -923,63 +981,124 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
           }
         }
         if (!seen) continue;
-        float* db = dband + (gi * L + t) * s;
+        float* db = dband != nullptr ? dband + (gi * L + t) * s : unused_dband.data();
         local_span_grad(x, ring, t, span, bw, a, r, flag, dk, dv, db, db_lanes.data(), lo, hi);
         for (int64_t j = lo; j < hi; ++j)
-          if (flag[j] > 0.f) local_exact_grad(x, t, span, x.band_row(gi, t), j, S[j], a[j], r[j], dk, dv, db);
+          if (flag[j] > 0.f) local_exact_grad(x, t, span, b, j, S[j], a[j], r[j], dk, dv, db);
       }
     }
   }
 }
 
-torch::Tensor causal_local_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor band,
-                                   c10::optional<torch::Tensor> valid) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && band.is_contiguous(),
-              "contiguous q, k, v, band expected");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && band.scalar_type() == at::kFloat, "float32 expected");
+// The bias of causal_local_*: with factor empty, bias is the dense (G, T', T') w; else w = bias factorᵀ, both (T', r).
+static bool local_factorized(const torch::Tensor& factor) { return factor.numel() > 0; }
+static LocalBias local_bias(const torch::Tensor& bias, const torch::Tensor& factor, int64_t L) {
+  TORCH_CHECK(bias.is_contiguous() && factor.is_contiguous() && bias.scalar_type() == at::kFloat &&
+              factor.scalar_type() == at::kFloat, "contiguous float32 bias expected");
+  if (local_factorized(factor)) {
+    TORCH_CHECK(bias.dim() == 2 && factor.sizes() == bias.sizes() && bias.size(0) >= L, "factors (T', r) expected");
+    return LocalBias{nullptr, 0, 0, 0, bias.data_ptr<float>(), factor.data_ptr<float>(), bias.size(1)};
+  }
+  TORCH_CHECK(bias.dim() == 3 && bias.size(1) == bias.size(2) && bias.size(1) >= L, "bias (G, T', T') expected");
+  const int64_t side = bias.size(2);
+  return LocalBias{bias.data_ptr<float>(), side * side, side + 1, -1};  // row t starts at w[g, t, t], d steps back
+}
+
+// The rows of one job (batch row b, features [j0, j0 + slice)) of causal_local_*.
+static LocalRows local_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const LocalBias& bias,
+                            const c10::optional<torch::Tensor>& valid, int64_t G, int64_t s, int64_t slice,
+                            int64_t job) {
+  const int64_t L = q.size(1), D = q.size(2), slices = (D + slice - 1) / slice;
+  const int64_t b = job / slices, j0 = (job % slices) * slice, offset = b * L * D + j0;
+  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() + b * L : nullptr;
+  return LocalRows{q.data_ptr<float>() + offset, k.data_ptr<float>() + offset, v.data_ptr<float>() + offset, bias, mp,
+                   L, D, std::min(slice, D - j0), s, D / G, j0};
+}
+
+torch::Tensor causal_local_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
+                                   torch::Tensor factor, c10::optional<torch::Tensor> valid, int64_t window) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous q, k, v expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 expected");
   auto y = torch::empty_like(q);
-  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), G = band.size(0), s = band.size(2);
-  const int64_t slice = feature_slice(B, D), slices = (D + slice - 1) / slice;
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float* bp = band.data_ptr<float>();
-  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, B * slices, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), s = std::min(window, L);
+  const LocalBias lb = local_bias(bias, factor, L);
+  const int64_t G = local_factorized(factor) ? 1 : bias.size(0);
+  const int64_t slice = feature_slice(B, D), jobs = B * ((D + slice - 1) / slice);
+  if (L == 0) return y;
+  auto work = torch::empty({jobs, local_forward_work(slice, s)}, q.options());  // seen by torch's memory profiler
+  float *yp = y.data_ptr<float>(), *wp = work.data_ptr<float>();
+  at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t job = lo; job < hi; ++job) {
-      const int64_t b = job / slices, j0 = (job % slices) * slice, offset = b * L * D + j0;
-      const LocalRows x{qp + offset, kp + offset, vp + offset, bp, mp ? mp + b * L : nullptr,
-                        L, D, std::min(slice, D - j0), s, D / G, j0};
-      local_forward(x, yp + offset);
+      const LocalRows x = local_rows(q, k, v, lb, valid, G, s, slice, job);
+      local_forward(x, yp + (x.q - q.data_ptr<float>()), wp + job * work.size(1));
     }
   });
   return y;
 }
 
-std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                 torch::Tensor band, torch::Tensor g,
-                                                 c10::optional<torch::Tensor> valid) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && band.is_contiguous() &&
-              g.is_contiguous(), "contiguous q, k, v, band, grad expected");
-  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), G = band.size(0), s = band.size(2);
-  const int64_t slice = feature_slice(B, D), slices = (D + slice - 1) / slice;
+// The bias gradient from the band's, db (G, L, s): written into w's diagonals, or taken on to the factors.
+static std::vector<torch::Tensor> local_bias_grads(const torch::Tensor& db, const torch::Tensor& bias,
+                                                   const torch::Tensor& factor) {
+  const int64_t G = db.size(0), L = db.size(1), s = db.size(2);
+  const float* dp = db.data_ptr<float>();
+  if (!local_factorized(factor)) {
+    auto dw = torch::zeros_like(bias);
+    float* out = dw.data_ptr<float>();
+    const int64_t side = bias.size(2);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t d = 0; d < std::min<int64_t>(s, t + 1); ++d)
+          out[(g * side + t) * side + t - d] = dp[(g * L + t) * s + d];
+    return {dw, torch::Tensor()};
+  }
+  auto du = torch::zeros_like(bias), dv = torch::zeros_like(factor);
+  const int64_t r = bias.size(1);
+  const float *u = bias.data_ptr<float>(), *v = factor.data_ptr<float>();
+  float *dup = du.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t d = 0; d < std::min<int64_t>(s, t + 1); ++d) {
+      const float grad = dp[t * s + d];
+      for (int64_t i = 0; i < r; ++i) {
+        dup[t * r + i] += grad * v[(t - d) * r + i];
+        dvp[(t - d) * r + i] += grad * u[t * r + i];
+      }
+    }
+  return {du, dv};
+}
+
+std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
+                                                 torch::Tensor factor, torch::Tensor g,
+                                                 c10::optional<torch::Tensor> valid, int64_t window, bool bias_grad) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && g.is_contiguous(),
+              "contiguous q, k, v, grad expected");
+  const int64_t B = q.size(0), L = q.size(1), D = q.size(2), s = std::min(window, L);
+  const LocalBias lb = local_bias(bias, factor, L);
+  const int64_t G = local_factorized(factor) ? 1 : bias.size(0);
+  const int64_t slice = feature_slice(B, D), jobs = B * ((D + slice - 1) / slice);
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
-  auto dband = torch::zeros({B * slices, G, L, s}, band.options());  // one per job, summed below
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *bp = band.data_ptr<float>(), *gp = g.data_ptr<float>();
-  const bool* mp = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  float* dbp = dband.data_ptr<float>();
+  // one band gradient per job, summed below; the workspace is a tensor so that memory profiles see it
+  auto dband = torch::zeros({bias_grad ? jobs : 0, G, L, s}, q.options());
   if (L > 0) {
-    at::parallel_for(0, B * slices, 1, [&](int64_t lo, int64_t hi) {
+    auto work = torch::empty({jobs, local_backward_work(slice, s)}, q.options());
+    const float* gp = g.data_ptr<float>();
+    float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+    float *dbp = dband.data_ptr<float>(), *wp = work.data_ptr<float>();
+    at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t job = lo; job < hi; ++job) {
-        const int64_t b = job / slices, j0 = (job % slices) * slice, offset = b * L * D + j0;
-        const LocalRows x{qp + offset, kp + offset, vp + offset, bp, mp ? mp + b * L : nullptr,
-                          L, D, std::min(slice, D - j0), s, D / G, j0};
-        local_backward(x, gp + offset, dqp + offset, dkp + offset, dvp + offset, dbp + job * G * L * s);
+        const LocalRows x = local_rows(q, k, v, lb, valid, G, s, slice, job);
+        const int64_t offset = x.q - q.data_ptr<float>();
+        local_backward(x, gp + offset, dqp + offset, dkp + offset, dvp + offset,
+                       bias_grad ? dbp + job * G * L * s : nullptr, wp + job * work.size(1));
       }
     });
   }
-  return {dq, dk, dv, dband.sum(0)};
+  std::vector<torch::Tensor> grads{dq, dk, dv, torch::Tensor(), torch::Tensor()};
+  if (bias_grad) {
+    const auto bias_grads = local_bias_grads(jobs > 1 ? dband.sum(0) : dband[0], bias, factor);
+    grads[3] = bias_grads[0];
+    grads[4] = bias_grads[1];
+  }
+  return grads;
 }
 """
 
@@ -1009,7 +1128,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v28", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v29", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward"],
@@ -1054,29 +1173,33 @@ class _FusedCausal(torch.autograd.Function):
     the backward, which recomputes the forward's per-row state in place of its outputs."""
 
     @staticmethod
-    def forward(ctx, module, name, valid, *inputs):
-        ctx.module, ctx.name = module, name
+    def forward(ctx, module, name, valid, options, *inputs):
+        ctx.module, ctx.name, ctx.options = module, name, options
         ctx.save_for_backward(valid, *inputs)
-        return getattr(module, f"causal_{name}_forward")(*inputs, valid)
+        return getattr(module, f"causal_{name}_forward")(*inputs, valid, *options)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         valid, *inputs = ctx.saved_tensors
-        return None, None, None, *getattr(ctx.module, f"causal_{ctx.name}_backward")(*inputs, grad.contiguous(), valid)
+        options = ctx.options
+        if ctx.name == "local":  # AFT-local's bias gradient (T' x T' when dense) only when one is wanted
+            options = (*options, any(ctx.needs_input_grad[-2:]))
+        grads = getattr(ctx.module, f"causal_{ctx.name}_backward")(*inputs, grad.contiguous(), valid, *options)
+        return None, None, None, None, *grads
 
 
-def _fused(name, inputs, key_mask):
+def _fused(name, inputs, key_mask, options=()):
     """The fused operator `name` on contiguous float32 CPU inputs (through autograd when a gradient is wanted), or None
-    when the kernels do not apply."""
+    when the kernels do not apply. options: the kernel's arguments after the inputs and the key mask."""
     module = _module_for(*inputs)
     if module is None:
         return None
     inputs = [x.contiguous() for x in inputs]
     valid = _valid_keys(key_mask, inputs[0].device)
     if _needs_grad(*inputs):
-        return _FusedCausal.apply(module, name, valid, *inputs)
-    return getattr(module, f"causal_{name}_forward")(*inputs, valid)
+        return _FusedCausal.apply(module, name, valid, options, *inputs)
+    return getattr(module, f"causal_{name}_forward")(*inputs, valid, *options)
 
 
 def fused_causal_simple(q, k, v, key_mask=None):
@@ -1092,9 +1215,11 @@ def fused_causal_conv1d(q, k, v, kernel, key_mask=None):
     return _fused("conv1d", [q, k, v, kernel], key_mask)
 
 
-def fused_causal_local(q, k, v, band, key_mask=None):
+def fused_causal_local(q, k, v, pos_bias, window, key_mask=None):
     """Causal AFT-local (gated by sigmoid(q)) with the fused kernels, or None when they do not apply.
-    q, k, v (B, T, D); band (G, T, s) with G dividing D: band[g, t, d] is the bias of key t - d for feature group g
-    (slots with t - d < 0 are never read), 0 for keys older than s. Differentiable in q, k, v and band, with a fused
-    backward that holds dq, dk, dv, the band's gradient and O(D) state per row of the batch."""
-    return _fused("local", [q, k, v, band], key_mask)
+    q, k, v (B, T, D); pos_bias the dense (G, T', T') bias (G dividing D, T' >= T) or its factors (u, v), each (T', r):
+    row t reads its window's biases w[g, t, t - d], d < window, straight from them (no band is built), and keys older
+    than the window get 0. Differentiable in q, k, v and the bias, with a fused backward that holds dq, dk, dv, the
+    band's gradient (when the bias needs one), O(D) state per 64 rows and two 64-row chunks of per-row fields."""
+    bias, factor = pos_bias if isinstance(pos_bias, (tuple, list)) else (pos_bias, pos_bias.new_empty(0))
+    return _fused("local", [q, k, v, bias, factor], key_mask, (window,))

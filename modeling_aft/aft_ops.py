@@ -891,7 +891,8 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
     by H), or the factors (u, v), each (T', r), of w = u vᵀ — then neither the bias nor its gradient is
     ever T x T. Out-of-band keys come from prefix (and suffix) sums, the band from pos_bias' diagonals:
     O(T window D) time, O(T D) memory, no T x T intermediate. Causal calls on the CPU in float32 (or cast up
-    to it) run the fused kernels of aft_kernels on that band, forward and backward, when they can be compiled.
+    to it) run the fused kernels of aft_kernels, forward and backward, when they can be compiled: they read the
+    window's biases straight from pos_bias or its factors, so no band is built either.
     """
     _check_qkv(q, k, v)
     B, T, D = q.shape
@@ -906,26 +907,29 @@ def aft_local(q, k, v, pos_bias, window, *, causal=False, key_mask=None):
     dt = _compute_dtype(q, k, v, *(factors if factors is not None else (pos_bias,)))
     with _no_autocast(q.device.type):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
+        factors = None if factors is None else tuple(_up(f, dt) for f in factors)
+        if causal:  # on the CPU, fused both ways: the kernels read the window's biases from wh or the factors
+            y = fused_causal_local(qf, kf, vf, factors if factors is not None else wh.to(dt), window, key_mask)
+            if y is not None:
+                return y.to(q.dtype)
         # the band as diagonals: slot j of row t is w[g, t, t - d], d = d_lo + j. Gathered straight
         # from pos_bias, so its gradient is a single T' x T' buffer; from factors, it is never T x T.
         key = _band_keys(T, d_lo, d_hi, q.device)  # (T, nb)
         inside = (key >= 0) & (key < T)
         if factors is not None:
-            band = _band_from_factors(*(_up(f, dt) for f in factors), T, d_lo, d_hi)[None]  # (1, T, nb)
+            band = _band_from_factors(*factors, T, d_lo, d_hi)[None]  # (1, T, nb)
         else:
             band = _BandOfMatrix.apply(wh, T, d_lo, d_hi).to(dt)  # (G, T, nb)
 
         def dense_bias(pos, Tk):
             if factors is not None:  # only the rows the exact path recomputes
-                rows = (_up(factors[0][pos], dt) @ _up(factors[1][:Tk], dt).T)[:, None, :]  # (n, 1, Tk)
+                rows = (factors[0][pos] @ factors[1][:Tk].T)[:, None, :]  # (n, 1, Tk)
             else:
                 rows = wh[:, pos, :Tk].transpose(0, 1).to(dt)  # (n, G, Tk)
             near = (pos[:, None] - torch.arange(Tk, device=q.device)[None, :]).abs() < window
             return torch.where(near[:, None, :], rows, torch.zeros_like(rows))
 
-        y = fused_causal_local(qf, kf, vf, band, key_mask) if causal else None  # on the CPU, fused both ways
-        if y is None:
-            y = _linear_variant(qf, kf, vf, band, inside, G, d_lo, d_hi, causal, key_mask, dense_bias)
+        y = _linear_variant(qf, kf, vf, band, inside, G, d_lo, d_hi, causal, key_mask, dense_bias)
     return y.to(q.dtype)
 
 

@@ -316,7 +316,7 @@ def test_fused_local_equals_reference_and_eager(spy, mask, window, groups):
 
 
 def test_fused_local_factorized_bias_and_what_stays_eager(spy):
-    """The model's form w = u vᵀ: the kernel gets the band, autograd takes its gradient on to u and v. Non-causal
+    """The model's form w = u vᵀ: the kernel reads u and v (no band is built) and returns their gradients. Non-causal
     and float64 calls keep the eager path."""
     q, k, v = _inputs(2, 40, 8, seed=14)
     gen = torch.Generator().manual_seed(14)
@@ -336,6 +336,24 @@ def test_fused_local_factorized_bias_and_what_stays_eager(spy):
         aft_ops.aft_local(q, k, v, (u, w), 8, causal=False)
         aft_ops.aft_local(q.double(), k.double(), v.double(), (u.double(), w.double()), 8, causal=True)
     assert (spy.local_calls, spy.local_backward_calls) == (1, 1)
+
+
+def test_fused_local_reads_a_larger_bias_and_skips_a_frozen_ones_gradient(spy):
+    """A (G, T', T') bias with T' > T is read in place (its top-left corner); a bias without requires_grad gets no
+    gradient, and q, k, v's gradients are those of the trainable case."""
+    q, k, v = _inputs(2, 50, 6, seed=17)
+    pos_bias = _bias(57, groups=3, seed=17)
+    key_mask = torch.ones(2, 50)
+    key_mask[0, 40:] = 0
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, window=5)
+    cotangent = torch.randn(q.shape, generator=torch.Generator().manual_seed(17))
+    local = lambda q, k, v, w: aft_ops.aft_local(q, k, v, w, 5, causal=True, key_mask=key_mask)
+    _, trained = _forward_and_grads(local, [q, k, v, pos_bias], cotangent)
+    calls = spy.local_backward_calls
+    _, frozen = _forward_and_grads(lambda q, k, v: local(q, k, v, pos_bias), [q, k, v], cotangent)
+    assert spy.local_backward_calls == calls + 1
+    for g_frozen, g_trained in zip(frozen, trained[:3]):
+        assert torch.equal(g_frozen, g_trained)
 
 
 def test_fused_local_is_stable_for_extreme_inputs(spy):
@@ -360,7 +378,7 @@ def test_fused_local_is_stable_for_extreme_inputs(spy):
     _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, window=8)
 
 
-@pytest.mark.parametrize("window", [32, 100])  # the backward replays chunks of max(64, window) rows
+@pytest.mark.parametrize("window", [32, 100])  # the backward replays chunks of max(32, window) rows
 def test_fused_local_long_sequence_matches_reference(spy, window):
     q, k, v = _inputs(2, 700, 24, seed=16)
     k = k * 20  # a wide spread of keys: the running maximum moves often (the span weights' products of rho)
