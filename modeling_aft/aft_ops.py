@@ -722,15 +722,16 @@ class _FullScan(torch.autograd.Function):
     """AFT-full fast path, blocked over (row block, key block) tiles so no T x T intermediate exists.
 
     Row blocks take their own K shift (the max over the keys they see, a running max when causal).
-    With a backward ahead, Z = num / den and den are kept (2 x (B, Lq, D)), so the backward needs two
-    matmuls per tile (d/dw and d/dX) rather than three: one E @ X fewer than recomputing.
+    With a backward ahead, den (B, Lq, D) is kept beside the output y = sigmoid(q) num / den, so the
+    backward needs two matmuls per tile (d/dw and d/dX) rather than three: one E @ X fewer than
+    recomputing. It needs num / den only multiplied by sigmoid(q), i.e. as y: nothing else is stored.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, w, off, causal, FB, keep):
         B, Lq, Lk, D, G, Dv, N, kg, vg, bias = _full_setup(q, k, v, w, off, causal)
         out = torch.empty_like(q)
-        Z, den = (torch.empty_like(q), torch.empty_like(q)) if keep else (None, None)
+        den = torch.empty_like(q) if keep else None
         flags = torch.empty(B, Lq, dtype=torch.bool, device=q.device)
         shifts, shift, seen = [], None, 0
         for i0, i1, e in _full_blocks(Lq, Lk, off, causal, FB):
@@ -745,22 +746,23 @@ class _FullScan(torch.autograd.Function):
                 j1 = min(e, j0 + FB)
                 X = _full_X(kg, vg, _safe_shift(shift), j0, j1).view(G, j1 - j0, N)
                 for r0, r1, k1 in _full_tiles(i0, i1, j0, j1, off, causal, FB):
-                    E = bias.exp(m[:, r0 - i0:r1 - i0], r0, r1, j0, k1)
-                    S[:, r0 - i0:r1 - i0].baddbmm_(E, X[:, :k1 - j0])
-            S = S.view(G, i1 - i0, B, 2, Dv).permute(2, 1, 3, 0, 4).reshape(B, i1 - i0, 2, D)
-            torch.lt(S[:, :, 1].amin(-1), EXACT_DEN_THRESHOLD, out=flags[:, i0:i1])
-            z = torch.div(S[:, :, 0], S[:, :, 1], out=Z[:, i0:i1] if keep else None)  # 0/0 rows: flagged
-            torch.sigmoid(q[:, i0:i1], out=out[:, i0:i1]).mul_(z)
+                    S[:, r0 - i0:r1 - i0].baddbmm_(bias.exp(m[:, r0 - i0:r1 - i0], r0, r1, j0, k1), X[:, :k1 - j0])
+                del X  # before the next block's is built: one X at a time
+            # [num, den] as (B, RB, G, Dv) views of S; the output is built in place (no copy of S, no z buffer)
+            num, dsum = S.view(G, i1 - i0, B, 2, Dv).permute(2, 1, 0, 3, 4).unbind(3)
+            torch.lt(dsum.amin((-2, -1)), EXACT_DEN_THRESHOLD, out=flags[:, i0:i1])
+            o = out[:, i0:i1].view(B, i1 - i0, G, Dv)
+            torch.sigmoid(q[:, i0:i1].view(B, i1 - i0, G, Dv), out=o).mul_(num).div_(dsum)  # 0/0 rows: flagged
             if keep:
-                den[:, i0:i1] = S[:, :, 1]
-        ctx.save_for_backward(q, k, v, w, torch.stack(shifts, 0), Z, den)
+                den[:, i0:i1].view(B, i1 - i0, G, Dv).copy_(dsum)
+        ctx.save_for_backward(q, k, v, w, torch.stack(shifts, 0), out if keep else None, den)
         ctx.cfg = (off, causal, FB)
         ctx.mark_non_differentiable(flags)
         return out, flags
 
     @staticmethod
     def backward(ctx, gout, _gflags):
-        q, k, v, w, shifts, Z, den = ctx.saved_tensors
+        q, k, v, w, shifts, y, den = ctx.saved_tensors
         off, causal, FB = ctx.cfg
         B, Lq, Lk, D, G, Dv, N, kg, vg, bias = _full_setup(q, k, v, w, off, causal)
         dq = torch.empty_like(q)
@@ -769,11 +771,11 @@ class _FullScan(torch.autograd.Function):
         for r, (i0, i1, e) in enumerate(_full_blocks(Lq, Lk, off, causal, FB)):
             RB = i1 - i0
             shift = _safe_shift(shifts[r])
-            sig, gy, z = torch.sigmoid(q[:, i0:i1]), gout[:, i0:i1], Z[:, i0:i1]
-            z = torch.where(torch.isnan(z), torch.zeros_like(z), z)  # rows that were 0/0 (no key seen)
-            dq[:, i0:i1] = gy * z * sig * (1 - sig)
-            dnum = gy * sig / den[:, i0:i1].clamp_min(torch.finfo(den.dtype).tiny)  # d loss / d num
-            dS = torch.stack([dnum, -dnum * z], 2)  # (B, RB, 2, D): d loss / d [num, den]
+            sig, gy, yb = torch.sigmoid(q[:, i0:i1]), gout[:, i0:i1], y[:, i0:i1]
+            yb = torch.where(torch.isnan(yb), torch.zeros_like(yb), yb)  # rows that were 0/0 (no key seen)
+            dq[:, i0:i1] = gy * yb * (1 - sig)  # y = sigmoid(q) z: dy/dq = z sigmoid (1 - sigmoid)
+            inv_den = den[:, i0:i1].clamp_min(torch.finfo(den.dtype).tiny).reciprocal()
+            dS = torch.stack([gy * sig * inv_den, -gy * yb * inv_den], 2)  # (B, RB, 2, D): d loss / d [num, den]
             dS = dS.view(B, RB, 2, G, Dv).permute(3, 1, 0, 2, 4).reshape(G, RB, N)
             m = bias.row_max(i0, i1, e)
             for j0 in range(0, e, FB):
