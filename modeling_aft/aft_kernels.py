@@ -559,10 +559,11 @@ enum LocalField { kS, kInvDenL, kPm, kFlag, kLocalFields };
 struct LocalBias {
   const float* base;
   int64_t group_stride, row_stride, step;
+  bool factorized = false;
   const float *u = nullptr, *v = nullptr;
   int64_t r = 0;
   void fill(int64_t g, int64_t t, int64_t span, float* __restrict b) const {
-    if (u != nullptr) {
+    if (factorized) {
       const float* __restrict ut = u + t * r;
       for (int64_t d = 0; d < span; ++d) {
         const float* __restrict vt = v + (t - d) * r;
@@ -990,14 +991,15 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
   }
 }
 
-// The bias of causal_local_*: with factor empty, bias is the dense (G, T', T') w; else w = bias factorᵀ, both (T', r).
-static bool local_factorized(const torch::Tensor& factor) { return factor.numel() > 0; }
+// The bias of causal_local_*: with factor an empty 1-d placeholder, bias is the dense (G, T', T') w; else
+// w = bias factorᵀ, both (T', r).
+static bool local_factorized(const torch::Tensor& factor) { return factor.dim() == 2; }
 static LocalBias local_bias(const torch::Tensor& bias, const torch::Tensor& factor, int64_t L) {
   TORCH_CHECK(bias.is_contiguous() && factor.is_contiguous() && bias.scalar_type() == at::kFloat &&
               factor.scalar_type() == at::kFloat, "contiguous float32 bias expected");
   if (local_factorized(factor)) {
     TORCH_CHECK(bias.dim() == 2 && factor.sizes() == bias.sizes() && bias.size(0) >= L, "factors (T', r) expected");
-    return LocalBias{nullptr, 0, 0, 0, bias.data_ptr<float>(), factor.data_ptr<float>(), bias.size(1)};
+    return LocalBias{nullptr, 0, 0, 0, true, bias.data_ptr<float>(), factor.data_ptr<float>(), bias.size(1)};
   }
   TORCH_CHECK(bias.dim() == 3 && bias.size(1) == bias.size(2) && bias.size(1) >= L, "bias (G, T', T') expected");
   const int64_t side = bias.size(2);
@@ -1128,7 +1130,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v29", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v30", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward"],

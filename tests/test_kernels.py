@@ -332,10 +332,14 @@ def test_fused_local_factorized_bias_and_what_stays_eager(spy):
     torch.testing.assert_close(out.double(), out_ref, atol=1e-5, rtol=1e-5)
     for name, g, g_ref in zip("q k v u w".split(), grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+    rank0 = torch.zeros(40, 0)  # w = 0: AFT-simple
+    torch.testing.assert_close(aft_ops.aft_local(q, k, v, (rank0, rank0), 8, causal=True, key_mask=key_mask),
+                               aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask), atol=1e-6, rtol=1e-5)
+    assert spy.local_calls == 2
     with torch.no_grad():
         aft_ops.aft_local(q, k, v, (u, w), 8, causal=False)
         aft_ops.aft_local(q.double(), k.double(), v.double(), (u.double(), w.double()), 8, causal=True)
-    assert (spy.local_calls, spy.local_backward_calls) == (1, 1)
+    assert (spy.local_calls, spy.local_backward_calls) == (2, 1)
 
 
 def test_fused_local_reads_a_larger_bias_and_skips_a_frozen_ones_gradient(spy):
