@@ -462,6 +462,9 @@ def main(argv=None):
     bench_models.add_parsers(sub)
     bench_transfer.add_parser(sub)
     args = parser.parse_args(argv)
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
     return (getattr(args, "run", None) or args.func)(args)
 
 

@@ -106,3 +106,13 @@ def test_quality_missing_data_exits_nonzero(bench, tmp_path):
     with pytest.raises(SystemExit) as err:
         bench.main(["quality", "--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)])
     assert err.value.code != 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+@pytest.mark.parametrize("command", ["ops", "train", "generate"])
+def test_cuda_request_without_a_gpu_is_a_clear_usage_error(command, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # main() imports its sibling scripts, as when run as a script
+    with pytest.raises(SystemExit) as exit_info:
+        _load("benchmark").main([command, "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "sees no CUDA device" in capsys.readouterr().err
