@@ -960,6 +960,7 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
       for (int64_t gi = x.first_group(); gi <= x.last_group(); ++gi) {
         const int64_t lo = x.lo(gi), hi = x.hi(gi);
         const float bs = x.band_weights(gi, t, span, b, bw);
+#pragma omp simd  // scalar without it ("no vectype"): fwd+bwd at T=8192, D=512 took ~175 ms, now ~135
         for (int64_t j = lo; j < hi; ++j) {
           const float xq = qr[j];
           const float ez = exp_nonpos(-std::fabs(xq));
@@ -1130,7 +1131,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v30", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v31", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward"],
