@@ -16,8 +16,8 @@ AFT-conv keeps the keys older than the kernel span in such a running prefix sum 
 with weights exp(k - max k) * exp(w - max(0, max w)) (both factors <= 1 and exact in float32); a row whose den would
 underflow (the largest key meets a very negative bias) is redone with the single shift max(k + w).
 
-AFT-local has a key per feature and a bias per row (the band of w next to the diagonal, built by aft_ops from the
-dense bias or from its factors u vᵀ), so its span weights exp(k_t' - m_t) exp(w_t,t' - bs) are per element. They cost
+AFT-local has a key per feature and a bias per row (the band of w next to the diagonal, read straight from the dense
+bias or computed from its factors u vᵀ), so its span weights exp(k_t' - m_t) exp(w_t,t' - bs) are per element. They cost
 no exp: exp(k_t' - m_t) = E_t' rho_t'+1 ... rho_t with E = exp(k - m) and rho = exp(m_prev - m) computed once per row
 (a product of factors <= 1, each exactly 1 while the running maximum stands still), accumulated in registers over the
 s keys. Elements whose den would underflow fall back to the single shift as in AFT-conv.
@@ -26,8 +26,9 @@ The backward passes save nothing but the inputs: they rerun the forward scan, wr
 den, maxima, den) into the gradient buffers they are about to fill, then walk t backwards with a reverse scan
 rescaled by exp(m_t - m_{t+1}) <= 1, overwriting that state with dq, dk, dv row by row. A training step's operator
 memory is therefore y, dq, dk, dv (and, for AFT-conv, a few floats per row and head): what SDPA holds. AFT-local's
-backward replays its forward a chunk of rows at a time from checkpoints of the running state (O(D) floats every 64
-rows), so it holds y, dq, dk, dv, the band's gradient and two chunks of per-row fields.
+backward replays its forward 32 rows at a time from checkpoints of the running state (O(D) floats every 32 rows, kept
+in rows of dq not written yet), so it holds y, dq, dk, dv, a chunk of per-row fields, a ring of E and rho and, for a
+learned bias, the band's gradient. Workspaces are tensors, so torch's memory profiler counts them.
 
 In all of them masked keys add exactly 0 and never move a maximum, and a row that has seen no valid key returns 0
 (and passes no gradient on). The exp is a branch-free polynomial (Cody-Waite reduction, ~1 ulp) on non-positive
@@ -553,9 +554,9 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
 // goes to the row of dq.
 enum LocalField { kS, kInvDenL, kPm, kFlag, kLocalFields };
 
-// Where row t's bias comes from: a strided source (a (G, L, s) band, b[d] = row[d]; or the dense (G, T', T') bias
-// itself, read from the diagonal backwards: b[d] = w[g, t, t - d]), or the factors u, v (T', r) of w = u vᵀ (one
-// r-long dot product per key: no band or T x T bias exists).
+// Where row t's bias comes from: the dense (G, T', T') bias itself, read from the diagonal backwards
+// (b[d] = w[g, t, t - d]: base, strides and step -1), or the factors u, v (T', r) of w = u vᵀ (one r-long dot product
+// per key). Either way no band is built, and from factors nothing is T x T.
 struct LocalBias {
   const float* base;
   int64_t group_stride, row_stride, step;
@@ -1131,7 +1132,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v31", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v32", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward"],
@@ -1223,6 +1224,6 @@ def fused_causal_local(q, k, v, pos_bias, window, key_mask=None):
     q, k, v (B, T, D); pos_bias the dense (G, T', T') bias (G dividing D, T' >= T) or its factors (u, v), each (T', r):
     row t reads its window's biases w[g, t, t - d], d < window, straight from them (no band is built), and keys older
     than the window get 0. Differentiable in q, k, v and the bias, with a fused backward that holds dq, dk, dv, the
-    band's gradient (when the bias needs one), O(D) state per 64 rows and two 64-row chunks of per-row fields."""
+    band's gradient (when the bias needs one), O(D) state per 32 rows (in dq) and a few 32-row chunks of per-row fields."""
     bias, factor = pos_bias if isinstance(pos_bias, (tuple, list)) else (pos_bias, pos_bias.new_empty(0))
     return _fused("local", [q, k, v, bias, factor], key_mask, (window,))
