@@ -501,7 +501,7 @@ torch::Tensor causal_conv1d_forward(torch::Tensor q, torch::Tensor k, torch::Ten
 
 std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                                   torch::Tensor kernel, torch::Tensor g,
-                                                  c10::optional<torch::Tensor> valid) {
+                                                  c10::optional<torch::Tensor> valid, bool kernel_grad) {
   check_conv_inputs(q, k, v, kernel);
   TORCH_CHECK(g.is_contiguous(), "contiguous grad expected");
   const int64_t B = q.size(0), L = q.size(1), D = q.size(2), h = kernel.size(0), s = kernel.size(1), Dv = D / h;
@@ -538,7 +538,7 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
       }
     });
   }
-  return {dq, dk, dv, dw.sum(0)};
+  return {dq, dk, dv, kernel_grad ? dw.sum(0) : torch::Tensor()};
 }
 
 // Causal AFT-local: per-feature keys; row t's bias band[g, t, d] for key t - d (d < s; feature j in group g), 0 for the
@@ -554,12 +554,12 @@ std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor q, torch::Tensor
 // goes to the row of dq.
 enum LocalField { kS, kInvDenL, kPm, kFlag, kLocalFields };
 
-// Where row t's bias comes from: the dense (G, T', T') bias itself, read from the diagonal backwards
-// (b[d] = w[g, t, t - d]: base, strides and step -1), or the factors u, v (T', r) of w = u vᵀ (one r-long dot product
-// per key). Either way no band is built, and from factors nothing is T x T.
+// Where row t's bias comes from: the dense (G, side, side) bias w itself, read from the diagonal backwards
+// (b[d] = w[g, t, t - d]), or the factors u, v (T', r) of w = u vᵀ (one r-long dot product per key). Either way no
+// band is built, and from factors nothing is T x T.
 struct LocalBias {
-  const float* base;
-  int64_t group_stride, row_stride, step;
+  const float* w;
+  int64_t side;
   bool factorized = false;
   const float *u = nullptr, *v = nullptr;
   int64_t r = 0;
@@ -575,8 +575,8 @@ struct LocalBias {
       }
       return;
     }
-    const float* row = base + g * group_stride + t * row_stride;
-    for (int64_t d = 0; d < span; ++d) b[d] = row[d * step];
+    const float* diagonal = w + (g * side + t) * side + t;  // w[g, t, t]
+    for (int64_t d = 0; d < span; ++d) b[d] = diagonal[-d];
   }
 };
 
@@ -1001,11 +1001,10 @@ static LocalBias local_bias(const torch::Tensor& bias, const torch::Tensor& fact
               factor.scalar_type() == at::kFloat, "contiguous float32 bias expected");
   if (local_factorized(factor)) {
     TORCH_CHECK(bias.dim() == 2 && factor.sizes() == bias.sizes() && bias.size(0) >= L, "factors (T', r) expected");
-    return LocalBias{nullptr, 0, 0, 0, true, bias.data_ptr<float>(), factor.data_ptr<float>(), bias.size(1)};
+    return LocalBias{nullptr, 0, true, bias.data_ptr<float>(), factor.data_ptr<float>(), bias.size(1)};
   }
   TORCH_CHECK(bias.dim() == 3 && bias.size(1) == bias.size(2) && bias.size(1) >= L, "bias (G, T', T') expected");
-  const int64_t side = bias.size(2);
-  return LocalBias{bias.data_ptr<float>(), side * side, side + 1, -1};  // row t starts at w[g, t, t], d steps back
+  return LocalBias{bias.data_ptr<float>(), bias.size(2)};
 }
 
 // The rows of one job (batch row b, features [j0, j0 + slice)) of causal_local_*.
@@ -1132,7 +1131,7 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v32", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v33", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward"],
@@ -1186,10 +1185,11 @@ class _FusedCausal(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         valid, *inputs = ctx.saved_tensors
-        options = ctx.options
-        if ctx.name == "local":  # AFT-local's bias gradient (T' x T' when dense) only when one is wanted
-            options = (*options, any(ctx.needs_input_grad[-2:]))
-        grads = getattr(ctx.module, f"causal_{ctx.name}_backward")(*inputs, grad.contiguous(), valid, *options)
+        # kernels with inputs after q, k, v (a bias, a conv kernel) return their gradient only when it is wanted
+        # (AFT-local's is T' x T' for a dense bias)
+        bias_grad = (any(ctx.needs_input_grad[7:]),) if len(inputs) > 3 else ()
+        grads = getattr(ctx.module, f"causal_{ctx.name}_backward")(*inputs, grad.contiguous(), valid, *ctx.options,
+                                                                   *bias_grad)
         return None, None, None, None, *grads
 
 

@@ -273,6 +273,14 @@ def _fmt(x, nd=1):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _memory_target(target, cells):
+    """(target, held, detail) from cells (T, op MiB, SDPA MiB, what the op's figure is); None where not measured."""
+    cells = [c for c in cells if c[1] is not None and c[2] is not None]
+    worse = [f"T={t}: {a:.1f}{what} vs {s:.1f} MiB" for t, a, s, what in cells if a > s]
+    return (target, None if not cells else not worse,
+            "at every measured T" if cells and not worse else "; ".join(worse) or "not measured")
+
+
 def ops_targets(results, seq_lens):
     """[(target, held: bool | None, detail)] for the performance goals of the AFT operators."""
     def r(n, T, key):
@@ -301,20 +309,15 @@ def ops_targets(results, seq_lens):
                 "not measured" if ok is None else f"{a / p:.1f}x ({a:.1f} ms vs {p:.1f} ms)"))
     for kind, label in (("mem_fwd_mb", "forward"), ("mem_fwd_bwd_mb", "fwd+bwd")):
         for n in ("aft_full", "aft_local", "aft_local_factorized", "aft_simple", "aft_conv1d"):
-            pairs = [(t, r(n, t, kind), r("sdpa", t, kind)) for t in seq_lens]
-            pairs = [(t, a, s) for t, a, s in pairs if a is not None and s is not None]
-            worse = [f"T={t}: {a:.1f} vs {s:.1f} MiB" for t, a, s in pairs if a > s]
-            measured = bool(pairs)
-            out.append((f"{n} peak memory ({label}) <= SDPA's", None if not measured else not worse,
-                        "at every measured T" if measured and not worse else "; ".join(worse) or "not measured"))
+            out.append(_memory_target(f"{n} peak memory ({label}) <= SDPA's",
+                                      [(t, r(n, t, kind), r("sdpa", t, kind), "") for t in seq_lens]))
     for n in ("aft_full", "aft_local", "aft_local_factorized"):  # what a learned bias costs, taken out
-        pairs = [(t, r(n, t, "mem_fwd_bwd_mb"), r(n, t, "bias_grad_mb"), r("sdpa", t, "mem_fwd_bwd_mb"))
-                 for t in seq_lens]
-        pairs = [(t, a - g, g, s) for t, a, g, s in pairs if a is not None and g is not None and s is not None]
-        worse = [f"T={t}: {a:.1f} once its {g:.1f} MiB bias gradient is taken out, vs {s:.1f} MiB" for t, a, g, s in pairs if a > s]
-        out.append((f"{n} peak memory (fwd+bwd) less the bias gradient it returns <= SDPA's",
-                    None if not pairs else not worse,
-                    "at every measured T" if pairs and not worse else "; ".join(worse) or "not measured"))
+        cells = []
+        for t in seq_lens:
+            a, g = r(n, t, "mem_fwd_bwd_mb"), r(n, t, "bias_grad_mb")
+            cells.append((t, None if a is None or g is None else a - g, r("sdpa", t, "mem_fwd_bwd_mb"),
+                          f" once its {g or 0:.1f} MiB bias gradient is taken out,"))
+        out.append(_memory_target(f"{n} peak memory (fwd+bwd) less the bias gradient it returns <= SDPA's", cells))
     return out
 
 
