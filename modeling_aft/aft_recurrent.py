@@ -52,8 +52,12 @@ class WindowState:
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(recurrent (B, 3, D), conv (B, Dk + D + 1, s-1)) in the layout transformers' linear-attention cache keeps."""
         recurrent = torch.stack([self.out_num, self.out_den, self.out_max], dim=1)
-        window = torch.cat([self.win_k.float(), self.win_v.float(), self.win_valid.float().unsqueeze(-1)], dim=-1)
-        return recurrent, window.transpose(1, 2)
+        return recurrent, self.pack_window(self.win_k, self.win_v, self.win_valid)
+
+    @staticmethod
+    def pack_window(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Positions k (B, L, Dk), v (B, L, D), valid (B, L) → conv-state columns (B, Dk + D + 1, L), oldest first."""
+        return torch.cat([k.float(), v.float(), valid.float().unsqueeze(-1)], dim=-1).transpose(1, 2)
 
     @classmethod
     def unpack(cls, recurrent: torch.Tensor, conv: torch.Tensor, key_dim: int, dtype: torch.dtype) -> "WindowState":

@@ -23,8 +23,29 @@ from .aft_ops import aft_conv1d, aft_conv2d, aft_full, aft_local, aft_simple
 from .aft_recurrent import WindowState, aft_full_rows, conv1d_window_bias, window_state_from_prefix, window_step
 from .configuration_aft import AFTConfig
 
-# The number of tokens a cache has consumed is ours to track: transformers' linear-attention layers do not count.
+# The number of tokens a cache has consumed is ours to track: transformers 5.24's linear-attention layers do not count.
 _SEEN_TOKENS_ATTR = "_aft_seen_tokens"
+
+
+def _record_cache_length(cache: Cache, length: int):
+    setattr(cache, _SEEN_TOKENS_ATTR, length)
+    # From 5.25 a linear-attention layer counts its tokens itself, but only through update_conv_state, which these
+    # layers never call; generate() reads that count to decide which tokens of a continued prompt are new.
+    for layer in cache.layers:
+        if hasattr(layer, "cumulative_length_linear"):
+            layer.cumulative_length_linear.fill_(length)
+
+
+def _records_past(layer_cache) -> bool:
+    # transformers 5.24 sets record_past too, but keeps no history and refuses to crop linear layers
+    return getattr(layer_cache, "record_past", False) and hasattr(layer_cache, "recurrent_states_history")
+
+
+def _recorded_steps(layer_cache, length: int) -> int:
+    """How many of the last positions of a prefix assisted decoding may crop again (0 unless it records the past)."""
+    if not _records_past(layer_cache):
+        return 0
+    return min(length, getattr(layer_cache, "recurrent_states_to_keep", None) or length)
 
 
 class AFTPositionBias(nn.Module):
@@ -137,7 +158,7 @@ class AFTLayer(nn.Module):
         else:
             y = self._causal(q, k, v, context.key_mask)
             if layer_cache is not None:
-                self._store_prefix(k, v, context, layer_cache)
+                self._store_prefix(q, k, v, context, layer_cache)
         return self.o_proj(y)
 
     # -- full sequences ---------------------------------------------------------------------------------------------
@@ -176,36 +197,59 @@ class AFTLayer(nn.Module):
         return y.view(batch, rows, cols, dim)
 
     # -- cached decoding --------------------------------------------------------------------------------------------
-    def _store_prefix(self, k, v, context, layer_cache):
+    # Assisted / prompt-lookup decoding (transformers >= 5.25) feeds a few draft tokens, then crops the rejected ones
+    # off the cache: a linear-attention layer then takes its window back from conv_states[..., -n - (s-1):-n] and its
+    # running sums from recurrent_states_history[-n]. So while the cache records its past, conv_states grows by one
+    # column per token and every step's running sums are kept.
+    def _store_prefix(self, q, k, v, context, layer_cache):
         if self.variant == "full":
             layer_cache.update(k, v)
-        else:
-            self._write_window_state(layer_cache, window_state_from_prefix(k, v, context.key_mask, self.window))
-
-    @staticmethod
-    def _write_window_state(layer_cache, state: WindowState):
-        recurrent, window = state.pack()
-        layer_cache.recurrent_states[0], layer_cache.conv_states[0] = recurrent, window
-        layer_cache.is_recurrent_states_initialized[0] = layer_cache.is_conv_states_initialized[0] = True
-        # update_recurrent_state would not set this, and a layer without it is treated as empty by transformers.
-        layer_cache.has_previous_state[0] = True
-        layer_cache.device, layer_cache.dtype = recurrent.device, recurrent.dtype
+            return
+        length = k.shape[1]
+        split = length - _recorded_steps(layer_cache, length)
+        prefix_mask = None if context.key_mask is None else context.key_mask[:, :split]
+        self._write_window_state(layer_cache, window_state_from_prefix(k[:, :split], v[:, :split], prefix_mask, self.window))
+        if split < length:
+            self._step_window(q, k, v, context, layer_cache, start=split)
 
     def _decode(self, q, k, v, context, layer_cache):
         if self.variant == "full":
             keys, values = layer_cache.update(k, v)  # (B, S + L, D)
             return self._full_rows(q, keys, values, context)
-        state = WindowState.unpack(
-            layer_cache.recurrent_states[0], layer_cache.conv_states[0], self.key_dim, k.dtype
-        )
-        outputs = []
-        for i in range(q.shape[1]):  # only the new tokens: the prefix lives in the state
+        return self._step_window(q, k, v, context, layer_cache, start=0)
+
+    def _step_window(self, q, k, v, context, layer_cache, start: int):
+        """Steps positions start… of q, k, v (B, L, ·) through the layer's window state; returns their outputs."""
+        recurrent, window = layer_cache.recurrent_states[0], layer_cache.conv_states[0]
+        state = WindowState.unpack(recurrent, window[..., window.shape[-1] - (self.window - 1):], self.key_dim, k.dtype)
+        recording = _records_past(layer_cache)
+        outputs, history = [], [recurrent]
+        for i in range(start, q.shape[1]):  # only the new tokens: the prefix lives in the state
             key_valid = None if context.key_mask is None else context.key_mask[:, i]
             bias = self._window_bias(context.positions[:, i], k)
             y, state = window_step(q[:, i], k[:, i], v[:, i], bias, state, key_valid=key_valid)
             outputs.append(y)
+            if recording:
+                history.append(state.pack()[0])
         self._write_window_state(layer_cache, state)
+        if recording:
+            layer_cache.recurrent_states_history[0].extend(history[:-1])
+            if self.window > 1:  # AFT-simple keeps no window: its empty conv state crops to itself
+                valid = k.new_ones(k[:, start:, 0].shape, dtype=torch.bool)
+                if context.key_mask is not None:
+                    valid = context.key_mask[:, start:].bool()
+                stepped = WindowState.pack_window(k[:, start:], v[:, start:], valid)
+                layer_cache.conv_states[0] = torch.cat([window, stepped], dim=-1)
         return torch.stack(outputs, dim=1)
+
+    def _write_window_state(self, layer_cache, state: WindowState):
+        recurrent, window = state.pack()
+        layer_cache.recurrent_states[0], layer_cache.conv_states[0] = recurrent, window
+        layer_cache.is_recurrent_states_initialized[0] = layer_cache.is_conv_states_initialized[0] = True
+        layer_cache.conv_kernel_size[0] = self.window - 1  # how many columns crop keeps
+        # update_recurrent_state would not set this, and a layer without it is treated as empty by transformers.
+        layer_cache.has_previous_state[0] = True
+        layer_cache.device, layer_cache.dtype = recurrent.device, recurrent.dtype
 
     def _window_bias(self, positions: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Bias of the s window slots (oldest first) for one new token per row at `positions` (B,) → (B, s, 1|h)."""
@@ -371,7 +415,7 @@ class AFTModel(AFTPreTrainedModel):
         if context is None:  # image: report (B, H·W, D) like other vision models
             hidden, all_hidden = hidden.flatten(1, 2), [h.flatten(1, 2) for h in all_hidden]
         if cache is not None:
-            setattr(cache, _SEEN_TOKENS_ATTR, context.seen + context.positions.shape[1])
+            _record_cache_length(cache, context.seen + context.positions.shape[1])
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden, cache=cache, hidden_states=tuple(all_hidden) if output_hidden_states else None
         )
@@ -462,8 +506,11 @@ class AFTModel(AFTPreTrainedModel):
         if cache is None or not cache.layers:
             return 0
         first = cache.layers[0]
-        started = any(first.has_previous_state.values()) if hasattr(first, "has_previous_state") else first.is_initialized
-        return getattr(cache, _SEEN_TOKENS_ATTR, 0) if started else 0
+        if hasattr(first, "cumulative_length_linear"):  # transformers >= 5.25 counts (and crops) it with us
+            return int(first.cumulative_length_linear)
+        if not hasattr(first, "has_previous_state"):  # keys and values: their length is the truth, also after a crop
+            return first.get_seq_length() if first.is_initialized else 0
+        return getattr(cache, _SEEN_TOKENS_ATTR, 0) if any(first.has_previous_state.values()) else 0
 
 
 class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):

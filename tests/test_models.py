@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, TextStreamer
 
 from modeling_aft import AFTConfig, AFTForCausalLM, AFTForImageClassification, AFTModel
@@ -152,6 +153,42 @@ def test_generation_continues_from_returned_cache(lm):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def _assisted_decoding_can_crop(model) -> bool:
+    """transformers < 5.25 cannot roll a linear-attention layer back, so it refuses assisted decoding for them."""
+    return model.config.layer_types == ["full_attention"] * len(model.config.layer_types) or hasattr(
+        transformers.cache_utils.LinearAttentionLayer, "get_seq_length"
+    )
+
+
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model"])
+@torch.no_grad()
+def test_assisted_decoding_equals_plain_greedy(lm, drafts, monkeypatch):
+    """Draft tokens are verified in one forward and the rejected ones cropped off the cache again: the logits of
+    every token must still equal plain greedy decoding (tokens alone could match with a wrongly restored state)."""
+    crops = []
+    original_crop = transformers.DynamicCache.crop
+    monkeypatch.setattr(transformers.DynamicCache, "crop", lambda cache, n: (crops.append(n), original_crop(cache, n))[1])
+    ids = random_ids(1, 6).repeat(1, 3)  # repeated n-grams give prompt lookup something to propose
+    if drafts == "prompt_lookup":
+        kwargs = dict(prompt_lookup_num_tokens=3)
+    else:  # lm with its vocabulary permuted: every draft it makes is wrong, so every verification rolls back
+        assistant = copy.deepcopy(lm)
+        assistant.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.roll(1, dims=0))
+        kwargs = dict(assistant_model=assistant)
+    if not _assisted_decoding_can_crop(lm):
+        with pytest.raises(ValueError, match="cropped"):
+            greedy(lm, ids, max_new_tokens=12, **kwargs)
+        return
+    assisted = greedy(lm, ids, max_new_tokens=12, **kwargs)
+    plain = greedy(lm, ids, max_new_tokens=12)
+    assert torch.equal(assisted.sequences, plain.sequences)
+    assert len(assisted.logits) == len(plain.logits)
+    for got, expected in zip(assisted.logits, plain.logits):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if drafts == "assistant_model":
+        assert any(n < 0 for n in crops), f"no draft was rejected (crops: {crops}): the rollback went untested"
+
+
 class _ByteDecoder:
     def decode(self, ids, **kwargs):
         return "".join(chr(65 + int(i) % 26) for i in ids)
@@ -199,7 +236,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
 
     plain = loss_and_grads(model)
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
     again = loss_and_grads(checkpointed)
     torch.testing.assert_close(again[0], plain[0])
