@@ -692,7 +692,7 @@ def report_generate(args, results):
         f"{args.layers} layers × {args.hidden} wide, B={args.batch}, vocab 256 (same models as `train`, randomly "
         f"initialized: speed and memory do not depend on the weights). For each context length L: prefill L tokens "
         f"with `use_cache=True`, then {args.steps} decode steps, one token per forward with `cache=` and "
-        f"`use_cache=True` (GPT-2 takes the same `cache=` argument in transformers 5.24). ms/token = median over "
+        f"`use_cache=True` (GPT-2 takes the same `cache=` argument). ms/token = median over "
         f"{args.repeats} rounds × {args.steps} steps (models and lengths interleaved, order rotated) of the "
         + clock_note(cpu_clock) + ("; wall-clock medians are listed below" if cpu_clock else "")
         + ". Cache = bytes of the tensors in the returned cache after the prefill "
