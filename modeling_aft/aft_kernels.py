@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the causal AFT-simple, AFT-conv and AFT-local operators, forward and backward.
+"""Fused CPU kernels for the causal AFT-simple, AFT-conv and AFT-local operators and for AFT-full, forward and backward.
 
 The eager scans in aft_ops make ~12 passes over (T, D) data (exp, multiply, chunked matmuls, divide, sigmoid, ...)
 and keep a segment's buffers and carries for the backward. Here one loop per batch row walks t in order, reading whole
@@ -29,6 +29,13 @@ memory is therefore y, dq, dk, dv (and, for AFT-conv, a few floats per row and h
 backward replays its forward 32 rows at a time from checkpoints of the running state (O(D) floats every 32 rows, kept
 in rows of dq not written yet), so it holds y, dq, dk, dv, a chunk of per-row fields, a ring of E and rho and, for a
 learned bias, the band's gradient. Workspaces are tensors, so torch's memory profiler counts them.
+
+AFT-full is matrix work (num = E @ (P v), den = E @ P with E = exp(w - row max) shared by batch and features), so its
+kernel walks tiles of rows x keys x features, builds E and X = [P v, P] for a tile on the fly and hands the products to
+the BLAS that torch links (sgemm on raw tiles: an ATen call per tile would cost more than the tile's arithmetic). num
+accumulates in y itself; for a backward, den is kept, and the backward turns den's buffer into g / den and then into
+dq. Its jobs own key blocks, so dk, dv and the bias gradient need no locks. A training step holds y, den (= dq), dk, dv,
+the bias gradient and L2-sized tiles: SDPA's y, dq, dk, dv, plus what a learned T x T bias must get back.
 
 In all of them masked keys add exactly 0 and never move a maximum, and a row that has seen no valid key returns 0
 (and passes no gradient on). The exp is a branch-free polynomial (Cody-Waite reduction, ~1 ulp) on non-positive
@@ -1103,6 +1110,292 @@ std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor 
   }
   return grads;
 }
+
+// AFT-full. With E = exp(w - m) (m: each row's maximum of w over the keys it sees; shared by batch and features) and
+// P = exp(k - S) (S: per row block, batch and feature, the running maximum of the valid keys its rows see):
+//   num = E @ (P v),  den = E @ P,  y = sigmoid(q) num / den.
+// Tiles of RB rows x KB keys x FC features: E (RB x KB) and X = [P v, P] (KB x 2 FC) are built on the fly and the
+// products run through BLAS, so nothing the size of T x D exists besides y (and, for the backward, den). num
+// accumulates in y itself. A row whose den falls below 1e-20 (its visible keys far below S, or its largest key
+// meeting a very negative w) is flagged for aft_ops' exact path.
+
+// The sgemm of the BLAS that torch links (MKL, OpenBLAS): called on raw tiles it costs ~0.1 us, against several us
+// for an ATen call. Weak, so that a torch without it still loads this module and takes at::addmm instead.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// Row-major C (M x N, row stride ldc) = op(A) op(B) + beta C, with op(X) = X^T when the flag says so; A is M x K
+// (K x M transposed), B is K x N (N x K transposed), row strides lda, ldb. BLAS is column-major: it computes C^T.
+static void gemm_rows(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                      const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (sgemm_ != nullptr) {
+    const char a_op = ta ? 'T' : 'N', b_op = tb ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.f;
+    sgemm_(&b_op, &a_op, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  auto a = torch::from_blob(const_cast<float*>(A), {ta ? K : M, ta ? M : K}, {lda, 1}, options);
+  auto b = torch::from_blob(const_cast<float*>(B), {tb ? N : K, tb ? K : N}, {ldb, 1}, options);
+  auto c = torch::from_blob(C, {M, N}, {ldc, 1}, options);
+  c.addmm_(ta ? a.t() : a, tb ? b.t() : b, beta, 1.0);
+}
+
+struct FullProblem {
+  const float *q, *k, *v, *w;  // q (B, Lq, D); k, v (B, Lk, D); w (G, side, side), query i reads row off + i
+  const bool* valid;           // (B, Lk) or nullptr
+  int64_t B, Lq, Lk, D, G, Dv, side, off, RB, KB, FC;
+  bool causal;
+  torch::Tensor row_max_t, shift_t;  // (G, Lq) and (row blocks, B, D): tensors, so that memory profiles see them
+  const float *row_max, *shift;
+
+  int64_t row_blocks() const { return (Lq + RB - 1) / RB; }
+  int64_t seen(int64_t i1) const { return causal ? std::min(Lk, off + i1) : Lk; }  // keys [0, seen) meet rows < i1
+  const float* bias_row(int64_t g, int64_t i) const { return w + (g * side + off + i) * side; }
+  bool visible(int64_t i, int64_t j) const { return !causal || j <= off + i; }
+
+  // m: the maximum of w over the keys each row sees; S: the running maximum of the valid keys, per row block.
+  void prepare(const at::TensorOptions& options) {
+    row_max_t = torch::empty({G, Lq}, options);
+    shift_t = torch::empty({row_blocks(), B, D}, options);
+    float *row_max_out = row_max_t.data_ptr<float>(), *shift_out = shift_t.data_ptr<float>();
+    row_max = row_max_out;
+    shift = shift_out;
+    at::parallel_for(0, G * Lq, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t gi = lo; gi < hi; ++gi) {
+        const int64_t g = gi / Lq, i = gi % Lq, e = seen(i + 1);
+        const float* row = bias_row(g, i);
+        float m = -1e30f;
+        for (int64_t j = 0; j < e; ++j) m = std::fmax(m, row[j]);
+        row_max_out[gi] = e > 0 ? m : 0.f;
+      }
+    });
+    const float none = -1e30f;  // "no valid key yet": finite (the kernels are compiled with -ffinite-math-only)
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> running(D);
+      for (int64_t b = lo; b < hi; ++b) {
+        std::fill(running.begin(), running.end(), none);
+        int64_t done = 0;
+        for (int64_t r = 0; r < row_blocks(); ++r) {
+          const int64_t e = seen(std::min(Lq, (r + 1) * RB));
+          for (; done < e; ++done) {
+            if (valid != nullptr && !valid[b * Lk + done]) continue;
+            const float* kr = k + (b * Lk + done) * D;
+            for (int64_t j = 0; j < D; ++j) running[j] = std::fmax(running[j], kr[j]);
+          }
+          float* out = shift_out + (r * B + b) * D;
+          for (int64_t j = 0; j < D; ++j) out[j] = running[j] > 0.5f * none ? running[j] : 0.f;
+        }
+      }
+    });
+  }
+
+  // E (rows i0 + [0, n) x keys j0 + [0, kb), row stride KB) of group g; 0 where a key is after the row (causal).
+  void bias_tile(int64_t g, int64_t i0, int64_t n, int64_t j0, int64_t kb, float* __restrict E) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* __restrict row = bias_row(g, i0 + i) + j0;
+      const float m = row_max[g * Lq + i0 + i];
+      float* __restrict Ei = E + i * KB;
+      const int64_t last = causal ? std::min<int64_t>(kb, off + i0 + i - j0 + 1) : kb;  // keys < last are visible
+      if (i + 1 < n) for (int64_t j = 0; j < kb; j += 16) __builtin_prefetch(row + side + j);
+      for (int64_t j = 0; j < std::max<int64_t>(last, 0); ++j) Ei[j] = exp_nonpos(row[j] - m);
+      for (int64_t j = std::max<int64_t>(last, 0); j < kb; ++j) Ei[j] = 0.f;
+    }
+  }
+
+  // X = [P v, P] (kb x 2 fc, row stride 2 FC) of batch b, keys j0 + [0, kb), features f0 + [0, fc) of group g, under
+  // row block r's shift; a masked key is a row of zeros.
+  void value_tile(int64_t r, int64_t b, int64_t g, int64_t j0, int64_t kb, int64_t f0, int64_t fc,
+                  float* __restrict X) const {
+    const int64_t col = g * Dv + f0;
+    const float* __restrict S = shift + (r * B + b) * D + col;
+    for (int64_t j = 0; j < kb; ++j) {
+      float* __restrict Xj = X + j * 2 * FC;
+      if (valid != nullptr && !valid[b * Lk + j0 + j]) {
+        for (int64_t f = 0; f < 2 * fc; ++f) Xj[f] = 0.f;
+        continue;
+      }
+      const float* __restrict kj = k + (b * Lk + j0 + j) * D + col;
+      const float* __restrict vj = v + (b * Lk + j0 + j) * D + col;
+      for (int64_t f = 0; f < fc; ++f) {
+        const float p = exp_nonpos(kj[f] - S[f]);
+        Xj[f] = p * vj[f];
+        Xj[fc + f] = p;
+      }
+    }
+  }
+};
+
+static FullProblem full_problem(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& w, const c10::optional<torch::Tensor>& valid, int64_t off,
+                                bool causal, int64_t RB, int64_t KB, int64_t FC) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && w.is_contiguous(),
+              "contiguous q, k, v, bias expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 expected");
+  const int64_t G = w.size(0), D = q.size(2);
+  TORCH_CHECK(w.dim() == 3 && w.size(1) == w.size(2) && D % G == 0 && w.size(1) >= k.size(1), "bias (G, T', T')");
+  FullProblem p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), w.data_ptr<float>(),
+                valid.has_value() ? valid->data_ptr<bool>() : nullptr, q.size(0), q.size(1), k.size(1), D, G, D / G,
+                w.size(1), off, RB, KB, std::min(FC, D / G), causal};
+  p.prepare(q.options());
+  return p;
+}
+
+// Floats of one thread's workspace: the forward's E, X (and, without keep, a den tile for B x RB rows); the
+// backward's E, the bias gradient's tile, X, dX and dS. (Summing dS X^T straight into the (T, T) gradient instead,
+// with its row stride of T floats, made the backward ~7 % slower at T=8192.)
+int64_t full_workspace(int64_t B, int64_t Dv, int64_t RB, int64_t KB, int64_t FC, bool keep) {
+  FC = std::min(FC, Dv);
+  const int64_t forward = RB * KB + KB * 2 * FC + (keep ? 0 : B * RB * Dv);
+  return keep ? std::max(forward, 2 * RB * KB + 2 * KB * 2 * FC + RB * 2 * FC) : forward;
+}
+
+// Forward: y (B, Lq, D), den (B, Lq, D) when keep (else empty: per-job den tiles), flags (G, B, Lq) uint8.
+std::vector<torch::Tensor> full_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                        c10::optional<torch::Tensor> valid, int64_t off, bool causal, bool keep,
+                                        int64_t RB, int64_t KB, int64_t FC) {
+  const FullProblem p = full_problem(q, k, v, w, valid, off, causal, RB, KB, FC);
+  const int64_t B = p.B, Lq = p.Lq, D = p.D, Dv = p.Dv, G = p.G, FCc = p.FC;
+  auto y = torch::zeros_like(q);
+  auto den = keep ? torch::zeros_like(q) : torch::empty({0}, q.options());
+  auto flags = torch::zeros({G, B, Lq}, q.options().dtype(at::kByte));
+  const int64_t jobs = G * p.row_blocks();
+  // one workspace per thread, a tensor so that memory profiles see it
+  auto work = torch::empty({at::get_num_threads(), RB * KB + KB * 2 * FCc + (keep ? 0 : B * RB * Dv)}, q.options());
+  float *yp = y.data_ptr<float>(), *dp = keep ? den.data_ptr<float>() : nullptr, *wp = work.data_ptr<float>();
+  uint8_t* fp = flags.data_ptr<uint8_t>();
+  at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
+    float* E = wp + at::get_thread_num() * work.size(1);
+    for (int64_t job = lo; job < hi; ++job) {
+      const int64_t g = job / p.row_blocks(), r = job % p.row_blocks();
+      const int64_t i0 = r * RB, n = std::min(RB, Lq - i0), e = p.seen(i0 + n);
+      float* X = E + RB * KB;
+      // den of (b, row i, feature f of the group) at dbase + (b * Lq + i) * dld + f: in den itself, or a tile
+      float* dbase = keep ? dp + g * Dv : X + KB * 2 * FCc;
+      const int64_t dld = keep ? D : Dv, dbatch = keep ? Lq * D : RB * Dv, drow0 = keep ? i0 : 0;
+      if (!keep) std::fill(dbase, dbase + B * RB * Dv, 0.f);
+      for (int64_t j0 = 0; j0 < e; j0 += KB) {
+        const int64_t kb = std::min(KB, e - j0);
+        p.bias_tile(g, i0, n, j0, kb, E);
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t f0 = 0; f0 < Dv; f0 += FCc) {
+            const int64_t fc = std::min(FCc, Dv - f0);
+            p.value_tile(r, b, g, j0, kb, f0, fc, X);
+            gemm_rows(false, false, n, fc, kb, E, KB, X, 2 * FCc, 1.f, yp + (b * Lq + i0) * D + g * Dv + f0, D);
+            gemm_rows(false, false, n, fc, kb, E, KB, X + fc, 2 * FCc, 1.f,
+                      dbase + b * dbatch + drow0 * dld + f0, dld);
+          }
+        }
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float* __restrict qr = p.q + (b * Lq + i0 + i) * D + g * Dv;
+          const float* __restrict dr = dbase + b * dbatch + (drow0 + i) * dld;
+          float* __restrict yr = yp + (b * Lq + i0 + i) * D + g * Dv;
+          float smallest = 1.f;
+          for (int64_t f = 0; f < Dv; ++f) {
+            const float x = qr[f], ez = exp_nonpos(-std::fabs(x));
+            smallest = std::fmin(smallest, dr[f]);
+            yr[f] = sigmoid_of(x, ez) * yr[f] / std::fmax(dr[f], 1e-37f);
+          }
+          fp[(g * B + b) * Lq + i0 + i] = smallest < 1e-20f;
+        }
+      }
+    }
+  });
+  return {y, den, flags};
+}
+
+// Backward. With a = g / den: d loss / d num = a sigmoid(q), d loss / d den = -a y, so for dS = [a sigmoid(q), -a y]
+// (per tile, rows x 2 FC):  dX = E^T dS (dv = P dX_num, dk = P v dX_num + P dX_den),  dw = E * (dS X^T).
+// den is consumed: a goes into its buffer, then dq = g y (1 - sigmoid(q)) does, and that buffer is returned as dq.
+// Jobs own key blocks (their rows of dk, dv and their columns of dw), so no two write the same place.
+std::vector<torch::Tensor> full_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                         c10::optional<torch::Tensor> valid, torch::Tensor y, torch::Tensor den,
+                                         torch::Tensor g, int64_t off, bool causal, bool bias_grad,
+                                         int64_t RB, int64_t KB, int64_t FC) {
+  TORCH_CHECK(y.is_contiguous() && den.is_contiguous() && g.is_contiguous(), "contiguous y, den, grad expected");
+  const FullProblem p = full_problem(q, k, v, w, valid, off, causal, RB, KB, FC);
+  const int64_t B = p.B, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv, FCc = p.FC;
+  const float *qp = p.q, *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
+  float* ap = den.data_ptr<float>();
+  at::parallel_for(0, B * Lq * D, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t x = lo; x < hi; ++x) ap[x] = gp[x] / std::fmax(ap[x], 1e-37f);
+  });
+  auto dk = torch::zeros_like(k), dv = torch::zeros_like(v);
+  auto dw = bias_grad ? torch::zeros_like(w) : torch::Tensor();
+  const int64_t key_blocks = (Lk + KB - 1) / KB, jobs = p.G * key_blocks;
+  auto work = torch::empty({at::get_num_threads(), 2 * RB * KB + 2 * KB * 2 * FCc + RB * 2 * FCc}, q.options());
+  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *wp = work.data_ptr<float>();
+  float* dwp = bias_grad ? dw.data_ptr<float>() : nullptr;
+  at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
+    float* E = wp + at::get_thread_num() * work.size(1);
+    float* dwt = E + RB * KB;
+    float* X = dwt + RB * KB;
+    float* dX = X + KB * 2 * FCc;
+    float* dS = dX + KB * 2 * FCc;
+    for (int64_t job = lo; job < hi; ++job) {
+      const int64_t gr = job / key_blocks, j0 = (job % key_blocks) * KB, kb_all = std::min(KB, Lk - j0);
+      const int64_t first = p.causal ? std::max<int64_t>(0, j0 - p.off) / RB : 0;  // rows before never see j0
+      for (int64_t r = first; r < p.row_blocks(); ++r) {
+        const int64_t i0 = r * RB, n = std::min(RB, Lq - i0), e = p.seen(i0 + n);
+        if (e <= j0) continue;
+        const int64_t kb = std::min(kb_all, e - j0);
+        p.bias_tile(gr, i0, n, j0, kb, E);
+        if (bias_grad) std::fill(dwt, dwt + RB * KB, 0.f);
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t f0 = 0; f0 < Dv; f0 += FCc) {
+            const int64_t fc = std::min(FCc, Dv - f0), col = gr * Dv + f0;
+            p.value_tile(r, b, gr, j0, kb, f0, fc, X);
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t at_row = (b * Lq + i0 + i) * D + col;
+              const float *__restrict a = ap + at_row, *__restrict qr = qp + at_row, *__restrict yr = yp + at_row;
+              float* __restrict dSi = dS + i * 2 * FCc;
+              if (i + 1 < n) {
+                for (int64_t f = 0; f < fc; f += 16) {
+                  __builtin_prefetch(a + D + f); __builtin_prefetch(qr + D + f); __builtin_prefetch(yr + D + f);
+                }
+              }
+              for (int64_t f = 0; f < fc; ++f) {
+                const float x = qr[f];
+                dSi[f] = a[f] * sigmoid_of(x, exp_nonpos(-std::fabs(x)));
+                dSi[fc + f] = -a[f] * yr[f];
+              }
+            }
+            if (bias_grad) gemm_rows(false, true, n, kb, 2 * fc, dS, 2 * FCc, X, 2 * FCc, 1.f, dwt, KB);
+            gemm_rows(true, false, kb, 2 * fc, n, E, KB, dS, 2 * FCc, 0.f, dX, 2 * FCc);
+            for (int64_t j = 0; j < kb; ++j) {
+              const int64_t at_key = (b * Lk + j0 + j) * D + col;
+              const float *__restrict Xj = X + j * 2 * FCc, *__restrict dXj = dX + j * 2 * FCc;
+              float *__restrict dkj = dkp + at_key, *__restrict dvj = dvp + at_key;
+              for (int64_t f = 0; f < fc; ++f) {
+                dvj[f] += Xj[fc + f] * dXj[f];
+                dkj[f] += Xj[f] * dXj[f] + Xj[fc + f] * dXj[fc + f];
+              }
+            }
+          }
+        }
+        if (!bias_grad) continue;
+        for (int64_t i = 0; i < n; ++i) {  // d exp(w - m) / dw = E (m is a constant shift)
+          float* __restrict out = dwp + (gr * p.side + p.off + i0 + i) * p.side + j0;
+          const float *__restrict Ei = E + i * KB, *__restrict dwi = dwt + i * KB;
+          for (int64_t j = 0; j < kb; ++j) out[j] = Ei[j] * dwi[j];
+        }
+      }
+    }
+  });
+  at::parallel_for(0, B * Lq * D, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t x = lo; x < hi; ++x) {
+      const float ez = exp_nonpos(-std::fabs(qp[x]));
+      ap[x] = gp[x] * yp[x] * sigmoid_of(-qp[x], ez);  // y (1 - sigmoid(q)), as sigmoid(-q): no cancellation
+    }
+  });
+  return {den, dk, dv, dw};
+}
 """
 
 # -ffinite-math-only lets gcc vectorize fmax/fabs and the selects; the kernel never produces inf or NaN
@@ -1131,10 +1424,11 @@ def _load():
                 _put_ninja_on_path()
                 from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline("modeling_aft_fused_v33", cpp_sources=_SOURCE,
+                _module = load_inline("modeling_aft_fused_v34", cpp_sources=_SOURCE,
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
-                                                 "causal_local_forward", "causal_local_backward"],
+                                                 "causal_local_forward", "causal_local_backward",
+                                                 "full_forward", "full_backward", "full_workspace"],
                                       extra_cflags=_FLAGS, verbose=False)
             except Exception as error:  # no compiler, no ninja, a read-only cache: the eager path still works
                 _failed = True
@@ -1227,3 +1521,66 @@ def fused_causal_local(q, k, v, pos_bias, window, key_mask=None):
     band's gradient (when the bias needs one), O(D) state per 32 rows (in dq) and a few 32-row chunks of per-row fields."""
     bias, factor = pos_bias if isinstance(pos_bias, (tuple, list)) else (pos_bias, pos_bias.new_empty(0))
     return _fused("local", [q, k, v, bias, factor], key_mask, (window,))
+
+
+# AFT-full's tiles (rows, keys, features), largest first. A call takes the largest whose workspace per thread fits in
+# an eighth of one (B, T, D) activation (but at least 64 KiB) and in FULL_WORKSPACE_BYTES (training: forward and backward; inference, which
+# adds a den tile: the second figure): the tiles stay in L2, and the operator's memory beyond its outputs stays within
+# SDPA's scratch. Larger tiles rebuild E and [P v, P] fewer times (their exps and the reads of q, k, v, y behind them
+# are ~30 % of a 256-tile backward) and give BLAS larger products.
+FULL_TILES = ((256, 256, 128), (256, 128, 128), (128, 256, 128), (128, 128, 128), (64, 128, 64), (64, 64, 64),
+              (32, 64, 64), (32, 32, 32), (16, 16, 16))
+FULL_WORKSPACE_BYTES = (768 << 10, 448 << 10)
+
+
+def _full_tile(module, B, T, D, groups, training):
+    budget = max(64 << 10, min(FULL_WORKSPACE_BYTES[0 if training else 1], B * T * D * 4 // 8))
+    fits = [t for t in FULL_TILES if 4 * module.full_workspace(B, D // groups, *t, training) <= budget]
+    return fits[0] if fits else FULL_TILES[-1]
+
+
+class _FusedFull(torch.autograd.Function):
+    """aft_full's fused kernels as an autograd Function. Saves the inputs, the output y and den (B, Lq, D); the backward
+    turns den's buffer into g / den, then into dq, which it returns: a training step holds y, den, dk, dv (and the bias
+    gradient), as SDPA holds y, dq, dk, dv."""
+
+    @staticmethod
+    def forward(ctx, module, valid, options, q, k, v, w):
+        y, den, flags = module.full_forward(q, k, v, w, valid, *options[:2], True, *options[2:])
+        ctx.module, ctx.options, ctx.den_consumed = module, options, False
+        ctx.save_for_backward(valid, q, k, v, w, y, den)
+        ctx.mark_non_differentiable(flags)
+        return y, flags
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_flags):
+        valid, q, k, v, w, y, den = ctx.saved_tensors
+        off, causal, *tile = ctx.options
+        if ctx.den_consumed:  # a second backward (retain_graph): the first one turned den into dq
+            den = ctx.module.full_forward(q, k, v, w, valid, off, causal, True, *tile)[1]
+        ctx.den_consumed = True
+        dq, dk, dv, dw = ctx.module.full_backward(q, k, v, w, valid, y, den, grad.contiguous(), off, causal,
+                                                  ctx.needs_input_grad[6], *tile)
+        return None, None, None, dq, dk, dv, dw if ctx.needs_input_grad[6] else None
+
+
+def fused_full(q, k, v, pos_bias, causal, key_mask=None):
+    """AFT-full (gated by sigmoid(q)) with the fused kernels, or None when they do not apply (not CPU float32).
+
+    q (B, Lq, D), k and v (B, Lk, D), Lq <= Lk: query i sits at position Lk - Lq + i and reads row Lk - Lq + i of
+    pos_bias (G, T', T') (T' >= Lk, G dividing D). Returns (y, flags): flags (B, Lq) marks the rows whose den fell
+    below 1e-20, for aft_ops' exact path. Differentiable in q, k, v and pos_bias."""
+    module = _module_for(q, k, v, pos_bias)
+    if module is None:
+        return None
+    q, k, v, w = (x.contiguous() for x in (q, k, v, pos_bias))
+    valid = _valid_keys(key_mask, q.device)
+    B, Lk, D = k.shape
+    training = _needs_grad(q, k, v, w)
+    options = (Lk - q.shape[1], causal, *_full_tile(module, B, Lk, D, w.shape[0], training))
+    if training:
+        y, flags = _FusedFull.apply(module, valid, options, q, k, v, w)
+    else:
+        y, _, flags = module.full_forward(q, k, v, w, valid, *options[:2], False, *options[2:])
+    return y, flags.any(0)

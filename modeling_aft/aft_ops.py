@@ -26,7 +26,9 @@ Complexity: aft_full is O(T^2 D) time, O(TD + T^2) memory and never builds (B, T
 O(T s D) / O(T D) time and O(T D) memory: prefix/suffix sums plus a band, computed chunk-wise with
 small matrix products (torch.cumsum is a slow strided loop on CPU; a C x C triangular matmul is not).
 Causal simple/local/conv1d and aft_full have hand-written backward passes that recompute per segment /
-block instead of storing activations.
+block instead of storing activations. On the CPU in float32, aft_full and the causal simple/local/conv1d run the fused
+kernels of aft_kernels instead (same results to float32 rounding; tests/test_kernels.py); the code here is their
+fallback and the path for float64 and other devices.
 
 Only stdlib, torch and the sibling aft_kernels are imported: this folder is copied next to checkpoints
 (trust_remote_code).
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .aft_kernels import fused_causal_conv1d, fused_causal_local, fused_causal_simple
+from .aft_kernels import fused_causal_conv1d, fused_causal_local, fused_causal_simple, fused_full
 
 __all__ = ["aft_full", "aft_local", "aft_simple", "aft_conv1d", "aft_conv2d"]
 
@@ -830,9 +832,13 @@ def aft_full(q, k, v, pos_bias, *, causal=False, key_mask=None):
     with _no_autocast(q.device.type):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
         km, valid = _masked_keys(kf, key_mask)
-        keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pos_bias))
-        # the bias goes in whole (blocks are cast on the fly): its gradient is then one T' x T' buffer
-        y, flags = _FullScan.apply(qf, km, vf, wh, off, causal, FULL_BLOCK_SIZE, keep)
+        fused = fused_full(qf, kf, vf, wh, causal, key_mask)
+        if fused is not None:
+            y, flags = fused
+        else:
+            keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pos_bias))
+            # the bias goes in whole (blocks are cast on the fly): its gradient is then one T' x T' buffer
+            y, flags = _FullScan.apply(qf, km, vf, wh, off, causal, FULL_BLOCK_SIZE, keep)
         has_vis = _has_visible(valid, B, Lq, Lk, causal, q.device)
 
         def bias_rows(pos, Tk):  # (n, G, Tk): the dense bias rows of these positions

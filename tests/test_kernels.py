@@ -1,5 +1,5 @@
-"""The fused CPU kernels for causal AFT-simple, AFT-conv and AFT-local (modeling_aft/aft_kernels.py), forward and backward, vs
-the float64 references and the eager scans, and when the operators use them."""
+"""The fused CPU kernels for causal AFT-simple, AFT-conv and AFT-local and for AFT-full (modeling_aft/aft_kernels.py),
+forward and backward, vs the float64 references and the eager paths, and when the operators use them."""
 
 import pytest
 import torch
@@ -17,12 +17,14 @@ def kernel():
 
 
 class Spy:
-    """Stands in for the compiled module and counts the calls that reach it: `calls` / `conv_calls` / `local_calls`
-    (forward of AFT-simple / AFT-conv / AFT-local), `backward_calls` / `conv_backward_calls` / `local_backward_calls`."""
+    """Stands in for the compiled module and counts the calls that reach it: `calls` / `conv_calls` / `local_calls` /
+    `full_calls` (forward of AFT-simple / AFT-conv / AFT-local / AFT-full), `backward_calls` / `conv_backward_calls` /
+    `local_backward_calls` / `full_backward_calls`."""
 
     COUNTERS = {"causal_simple_forward": "calls", "causal_simple_backward": "backward_calls",
                 "causal_conv1d_forward": "conv_calls", "causal_conv1d_backward": "conv_backward_calls",
-                "causal_local_forward": "local_calls", "causal_local_backward": "local_backward_calls"}
+                "causal_local_forward": "local_calls", "causal_local_backward": "local_backward_calls",
+                "full_forward": "full_calls", "full_backward": "full_backward_calls"}
 
     def __init__(self, module):
         self.module = module
@@ -31,7 +33,9 @@ class Spy:
 
     def __getattr__(self, name):
         function = getattr(self.module, name)
-        counter = self.COUNTERS[name]
+        counter = self.COUNTERS.get(name)
+        if counter is None:  # a helper, not a kernel
+            return function
 
         def counted(*args):
             setattr(self, counter, getattr(self, counter) + 1)
@@ -46,16 +50,18 @@ def spy(kernel, monkeypatch):
     return spy
 
 
-FUSED_PATHS = ("fused_causal_simple", "fused_causal_conv1d", "fused_causal_local")
+FUSED_PATHS = ("fused_causal_simple", "fused_causal_conv1d", "fused_causal_local", "fused_full")
 
 
-def _eager(q, k, v, key_mask=None, kernel=None, window=None):
-    """aft_simple (aft_conv1d with a `kernel`; aft_local with a pos_bias as `kernel` and a `window`) with the fused
-    paths switched off."""
+def _eager(q, k, v, key_mask=None, kernel=None, window=None, causal=None):
+    """aft_simple (aft_conv1d with a `kernel`; aft_local with a pos_bias as `kernel` and a `window`; aft_full with a
+    pos_bias as `kernel` and `causal` given) with the fused paths switched off."""
     originals = {name: getattr(aft_ops, name) for name in FUSED_PATHS}
     for name in FUSED_PATHS:
         setattr(aft_ops, name, lambda *args: None)
     try:
+        if causal is not None:
+            return aft_ops.aft_full(q, k, v, kernel, causal=causal, key_mask=key_mask)
         if kernel is None:
             return aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask)
         if window is not None:
@@ -74,11 +80,12 @@ def _forward_and_grads(fn, tensors, cotangent):
 
 
 def _assert_fused_training_matches(spy, tensors, key_mask=None, atol=1e-5, rtol=1e-5, against_eager=False,
-                                   window=None):
+                                   window=None, causal=None):
     """Forward and every gradient of the fused op (aft_simple for q, k, v; with a 4th tensor aft_conv1d and its kernel,
-    or, given a window, aft_local and its pos_bias) equal the float64 reference (or, for long inputs, the eager scan)
-    and went through the fused backward."""
-    kind = "simple" if len(tensors) == 3 else "conv" if window is None else "local"
+    or, given a window, aft_local and its pos_bias, or, given `causal`, aft_full and its pos_bias) equal the float64
+    reference (or, for long inputs, the eager path) and went through the fused backward."""
+    kind = ("simple" if len(tensors) == 3 else "full" if causal is not None else "conv" if window is None
+            else "local")
     fused_op, reference_op = {
         "simple": (lambda q, k, v: aft_ops.aft_simple(q, k, v, causal=True, key_mask=key_mask),
                    lambda q, k, v: ref.ref_aft_simple(q, k, v, causal=True, key_mask=key_mask)),
@@ -86,9 +93,13 @@ def _assert_fused_training_matches(spy, tensors, key_mask=None, atol=1e-5, rtol=
                  lambda q, k, v, w: ref.ref_aft_conv1d(q, k, v, w, causal=True, key_mask=key_mask)),
         "local": (lambda q, k, v, w: aft_ops.aft_local(q, k, v, w, window, causal=True, key_mask=key_mask),
                   lambda q, k, v, w: ref.ref_aft_local(q, k, v, w, window, causal=True, key_mask=key_mask)),
+        "full": (lambda q, k, v, w: aft_ops.aft_full(q, k, v, w, causal=causal, key_mask=key_mask),
+                 lambda q, k, v, w: ref.ref_aft_full(q, k, v, w, causal=causal, key_mask=key_mask)),
     }[kind]
-    expected_op = (lambda *xs: _eager(*xs[:3], key_mask, *xs[3:], window=window)) if against_eager else reference_op
-    counter = {"simple": "backward_calls", "conv": "conv_backward_calls", "local": "local_backward_calls"}[kind]
+    expected_op = ((lambda *xs: _eager(*xs[:3], key_mask, *xs[3:], window=window, causal=causal)) if against_eager
+                   else reference_op)
+    counter = {"simple": "backward_calls", "conv": "conv_backward_calls", "local": "local_backward_calls",
+               "full": "full_backward_calls"}[kind]
     cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     before = getattr(spy, counter)
     out, grads = _forward_and_grads(fused_op, tensors, cotangent)
@@ -396,3 +407,155 @@ def test_fused_local_long_sequence_matches_reference(spy, window):
     # the gradients' float32 rounding grows with T in the eager scan as here (both ~1e-5 of dk at T=1500): against
     # the float64 reference, with the long-sequence tolerance of the other operators
     _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, atol=1e-5, rtol=1e-4, window=window)
+
+
+@pytest.fixture
+def small_full_tiles(monkeypatch):
+    """AFT-full tiles of 2 rows x 3 keys x 4 features: 7 positions and 6 features already cross several of each."""
+    monkeypatch.setattr(aft_kernels, "FULL_TILES", ((2, 3, 4),))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("mask", MASKS, ids=list(MASKS))
+@pytest.mark.parametrize("groups", [None, 2])
+def test_fused_full_equals_reference_and_eager(spy, small_full_tiles, causal, mask, groups):
+    q, k, v = _inputs(2, 7, 6, seed=21)
+    k = k * 3
+    pos_bias = _bias(7, groups, seed=21)
+    key_mask = MASKS[mask]
+    with torch.no_grad():
+        fused = aft_ops.aft_full(q, k, v, pos_bias, causal=causal, key_mask=key_mask)
+    assert spy.full_calls == 1
+    expected = ref.ref_aft_full(q.double(), k.double(), v.double(), pos_bias.double(), causal=causal,
+                                key_mask=key_mask)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, _eager(q, k, v, key_mask, pos_bias, causal=causal), atol=1e-5, rtol=1e-5)
+    if mask == "fully_masked_row":
+        assert torch.equal(fused[0], torch.zeros_like(fused[0]))
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_fused_full_shorter_queries_and_a_larger_bias(spy, small_full_tiles, causal):
+    """Queries at the last Lq of Lk positions (cached decoding) read bias rows Lk - Lq + i of a (G, T', T') bias with
+    T' > Lk."""
+    gen = torch.Generator().manual_seed(22)
+    q = torch.randn(2, 5, 6, generator=gen)
+    k, v = (torch.randn(2, 11, 6, generator=gen) for _ in range(2))
+    pos_bias = _bias(14, groups=3, seed=22)
+    key_mask = torch.ones(2, 11)
+    key_mask[0, :4] = 0
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, causal=causal)
+
+
+def test_fused_full_is_stable_for_extreme_inputs(spy, small_full_tiles):
+    """Keys 1e4 apart, masked keys far above the rest, saturated gates and biases of +-1e3: rows whose den underflows
+    under the tile's shifts are flagged and redone by aft_ops' exact path; the rest must be exact as they are."""
+    q, k, v = _inputs(1, 40, 8, seed=23)
+    pos_bias = _bias(40, seed=23)
+    k[:, 0], k[:, 1:] = 0.0, 1e4  # row 0 sees only a key 1e4 below the ones that come later in its tile
+    k[:, 25:, :4] = -1e4
+    q[:, ::2] *= 1e3
+    pos_bias[10:20] *= 5e2  # biases of +-1000: the largest key meets a very negative bias
+    key_mask = torch.ones(1, 40, dtype=torch.long)
+    key_mask[:, 12:16] = 0
+    k[:, 12:16] = 3e4  # masked keys far above the others must move no shift
+    for causal in (True, False):
+        with torch.no_grad():
+            fused = aft_ops.aft_full(q, k, v, pos_bias, causal=causal, key_mask=key_mask)
+        expected = ref.ref_aft_full(q.double(), k.double(), v.double(), pos_bias.double(), causal=causal,
+                                    key_mask=key_mask)
+        assert torch.isfinite(fused).all()
+        torch.testing.assert_close(fused.double(), expected, atol=1e-5, rtol=1e-5)
+        _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, causal=causal)
+    assert spy.full_calls == 4
+
+
+def test_fused_full_long_sequence_matches_eager_with_default_tiles(spy):
+    q, k, v = _inputs(1, 600, 64, seed=24)
+    k = k * 10
+    pos_bias = _bias(600, seed=24)
+    key_mask = torch.ones(1, 600)
+    key_mask[0, 200:260] = 0
+    tile = aft_kernels._full_tile(aft_kernels._load(), 1, 600, 64, 1, training=True)
+    assert tile[0] < 600 and tile[1] < 600  # several row and key blocks
+    with torch.no_grad():
+        fused = aft_ops.aft_full(q, k, v, pos_bias, causal=True, key_mask=key_mask)
+    torch.testing.assert_close(fused, _eager(q, k, v, key_mask, pos_bias, causal=True), atol=1e-5, rtol=1e-4)
+    _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, atol=1e-5, rtol=1e-4, against_eager=True,
+                                   causal=True)
+
+
+def test_fused_full_second_backward_and_frozen_bias(spy, small_full_tiles):
+    """The backward turns the saved den into dq: a second backward through the same graph (retain_graph) recomputes
+    den and gets the same gradients. A bias without requires_grad gets no gradient and changes no other one."""
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 9, 6, seed=25))
+    pos_bias = _bias(9, seed=25).requires_grad_()
+    y = aft_ops.aft_full(q, k, v, pos_bias, causal=True)
+    cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(25))
+    first = torch.autograd.grad(y, [q, k, v, pos_bias], cotangent, retain_graph=True)
+    second = torch.autograd.grad(y, [q, k, v, pos_bias], cotangent)
+    assert spy.full_backward_calls == 2
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    frozen = torch.autograd.grad(aft_ops.aft_full(q, k, v, pos_bias.detach(), causal=True), [q, k, v], cotangent)
+    for a, b in zip(frozen, first[:3]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [3, 8])
+def test_fused_full_threads_agree(spy, small_full_tiles, threads):
+    """Forward jobs own row blocks, backward jobs key blocks, each with its own workspace: more threads than jobs or
+    fewer must give the same result (up to BLAS's order of summation)."""
+    tensors = [*_inputs(2, 30, 12, seed=26), _bias(30, groups=2, seed=26)]
+    key_mask = torch.ones(2, 30)
+    key_mask[1, :7] = 0
+    full = lambda q, k, v, w: aft_ops.aft_full(q, k, v, w, causal=True, key_mask=key_mask)
+    cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(26))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _forward_and_grads(full, tensors, cotangent)
+        torch.set_num_threads(threads)
+        many = _forward_and_grads(full, tensors, cotangent)
+    finally:
+        torch.set_num_threads(before)
+    assert spy.full_backward_calls == 2
+    for a, b in zip([one[0], *one[1]], [many[0], *many[1]]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_full_holds_four_activations_and_its_tiles(kernel):
+    """A training step of the fused AFT-full holds y, den (which becomes dq), dk, dv, the bias gradient and its tiles,
+    as SDPA holds y, dq, dk, dv: measured from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, D = 1, 512, 64
+    q, k, v = (x.requires_grad_() for x in _inputs(B, T, D, seed=27))
+    pos_bias = _bias(T, seed=27).requires_grad_()
+    cotangent = torch.randn(B, T, D)
+    module = aft_kernels._load()
+    tile = aft_kernels._full_tile(module, B, T, D, 1, training=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        aft_ops.aft_full(q, k, v, pos_bias, causal=True).backward(cotangent)
+    current = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    activation, bias_grad = 4 * B * T * D, 4 * T * T
+    tiles = 4 * module.full_workspace(B, D, *tile, True) * torch.get_num_threads()
+    row_state = 4 * (T + (T // tile[0] + 1) * B * D) + 64 * 1024  # row maxima, shifts, flags and small tensors
+    assert peak <= 4 * activation + bias_grad + tiles + row_state
+    assert q.grad is not None and pos_bias.grad is not None
+
+
+def test_fused_full_covers_both_directions_and_float64_stays_eager(spy):
+    q, k, v = _inputs(1, 6, 4, seed=28)
+    pos_bias = _bias(6, seed=28)
+    with torch.no_grad():
+        aft_ops.aft_full(q, k, v, pos_bias, causal=True)
+        aft_ops.aft_full(q, k, v, pos_bias, causal=False)
+        assert spy.full_calls == 2
+        aft_ops.aft_full(q.double(), k.double(), v.double(), pos_bias.double(), causal=True)
+    assert spy.full_calls == 2

@@ -3,8 +3,9 @@
 One harness (`_check`) compares forward and all input gradients; the tests parametrize it over
 operators, causal / non-causal, masks, lengths and adversarial inputs. Block sizes are lowered
 (`small_blocks`) so that short sequences already cross several segments, chunks and key blocks.
-These tests cover the eager scans: the fused CPU kernels that causal float32 AFT-simple / AFT-conv calls take
-when they can be compiled are switched off here and tested against the same references in tests/test_kernels.py.
+These tests cover the eager scans: the fused CPU kernels that float32 AFT-full and causal float32 AFT-simple / AFT-local /
+AFT-conv calls take when they can be compiled are switched off here and tested against the same references in
+tests/test_kernels.py.
 """
 
 import math
@@ -26,6 +27,7 @@ def eager_scans(monkeypatch):
     monkeypatch.setattr(ops, "fused_causal_simple", lambda *args: None)
     monkeypatch.setattr(ops, "fused_causal_conv1d", lambda *args: None)
     monkeypatch.setattr(ops, "fused_causal_local", lambda *args: None)
+    monkeypatch.setattr(ops, "fused_full", lambda *args: None)
 
 
 @pytest.fixture(autouse=True)
