@@ -1120,22 +1120,25 @@ std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor 
 // meeting a very negative w) is flagged for aft_ops' exact path.
 
 // The sgemm of the BLAS that torch links (MKL, OpenBLAS): called on raw tiles it costs ~0.1 us, against several us
-// for an ATen call. Weak, so that a torch without it still loads this module and takes at::addmm instead.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+// for an ATen call. Weak, so that a torch without it still loads this module and takes at::addmm instead. Its integer
+// arguments point to 64-bit values: a 32-bit-integer BLAS reads their low halves (little-endian), a 64-bit one all
+// of them, and both read the right number.
+extern "C" void sgemm_(const char* transa, const char* transb, const int64_t* m, const int64_t* n, const int64_t* k,
+                       const float* alpha, const float* a, const int64_t* lda, const float* b, const int64_t* ldb,
+                       const float* beta, float* c, const int64_t* ldc) __attribute__((weak));
+static bool full_blas_symbol = true;  // tests switch it off to run the at::addmm path
+
+void full_use_blas_symbol(bool use) { full_blas_symbol = use; }
 
 // Row-major C (M x N, row stride ldc) = op(A) op(B) + beta C, with op(X) = X^T when the flag says so; A is M x K
 // (K x M transposed), B is K x N (N x K transposed), row strides lda, ldb. BLAS is column-major: it computes C^T.
 static void gemm_rows(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                       const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  if (sgemm_ != nullptr) {
+  if (sgemm_ != nullptr && full_blas_symbol) {
     const char a_op = ta ? 'T' : 'N', b_op = tb ? 'T' : 'N';
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     const float one = 1.f;
-    sgemm_(&b_op, &a_op, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    sgemm_(&b_op, &a_op, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
     return;
   }
   const auto options = at::TensorOptions().dtype(at::kFloat);
@@ -1428,7 +1431,7 @@ def _load():
                                       functions=["causal_simple_forward", "causal_simple_backward",
                                                  "causal_conv1d_forward", "causal_conv1d_backward",
                                                  "causal_local_forward", "causal_local_backward",
-                                                 "full_forward", "full_backward", "full_workspace"],
+                                                 "full_forward", "full_backward", "full_workspace", "full_use_blas_symbol"],
                                       extra_cflags=_FLAGS, verbose=False)
             except Exception as error:  # no compiler, no ninja, a read-only cache: the eager path still works
                 _failed = True

@@ -559,3 +559,18 @@ def test_fused_full_covers_both_directions_and_float64_stays_eager(spy):
         assert spy.full_calls == 2
         aft_ops.aft_full(q.double(), k.double(), v.double(), pos_bias.double(), causal=True)
     assert spy.full_calls == 2
+
+
+def test_fused_full_without_the_blas_symbol(kernel, small_full_tiles):
+    """Where torch's library exports no sgemm_, the kernel multiplies its tiles with at::addmm: same results."""
+    tensors = [*_inputs(2, 9, 6, seed=29), _bias(9, groups=3, seed=29)]
+    full = lambda q, k, v, w: aft_ops.aft_full(q, k, v, w, causal=True)
+    cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(29))
+    with_blas = _forward_and_grads(full, tensors, cotangent)
+    kernel.full_use_blas_symbol(False)
+    try:
+        with_aten = _forward_and_grads(full, tensors, cotangent)
+    finally:
+        kernel.full_use_blas_symbol(True)
+    for a, b in zip([with_blas[0], *with_blas[1]], [with_aten[0], *with_aten[1]]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
