@@ -911,9 +911,12 @@ static int64_t local_backward_work(int64_t n, int64_t s) {
   const int64_t C = local_chunk(s);
   return C * kLocalFields * n + ring_floats(C + s, n);
 }
-// dband: (G, L, s) of this job, or nullptr when the bias needs no gradient.
+// dband: (G, L, s) of this job, or nullptr when the bias needs no gradient; with `stream`, (G, 1, s): each row's band
+// gradient goes to stream once the row is done.
+struct LocalBiasGrad;
+static void local_bias_grad_add_row(LocalBiasGrad* grad, int64_t t, const float* db);  // after LocalBiasGrad
 static void local_backward(const LocalRows& x, const float* g, float* dq, float* dk, float* dv, float* dband,
-                           float* work) {
+                           float* work, LocalBiasGrad* stream) {
   const int64_t L = x.L, D = x.D, n = x.n, s = x.s;
   const int64_t C = local_chunk(s), chunks = (L + C - 1) / C;
   // Checkpoint c >= 1 (the state before row c C) lives in the first rows of dq's chunk c - 1: chunk c - 1 is
@@ -991,10 +994,14 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
           }
         }
         if (!seen) continue;
-        float* db = dband != nullptr ? dband + (gi * L + t) * s : unused_dband.data();
+        float* db = dband == nullptr ? unused_dband.data() : dband + (gi * (stream ? 1 : L) + (stream ? 0 : t)) * s;
         local_span_grad(x, ring, t, span, bw, a, r, flag, dk, dv, db, db_lanes.data(), lo, hi);
         for (int64_t j = lo; j < hi; ++j)
           if (flag[j] > 0.f) local_exact_grad(x, t, span, b, j, S[j], a[j], r[j], dk, dv, db);
+      }
+      if (stream != nullptr) {
+        local_bias_grad_add_row(stream, t, dband);
+        std::fill(dband, dband + (x.last_group() + 1) * s, 0.f);  // one job: every group
       }
     }
   }
@@ -1046,35 +1053,46 @@ torch::Tensor causal_local_forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return y;
 }
 
-// The bias gradient from the band's, db (G, L, s): written into w's diagonals, or taken on to the factors.
-static std::vector<torch::Tensor> local_bias_grads(const torch::Tensor& db, const torch::Tensor& bias,
-                                                   const torch::Tensor& factor) {
-  const int64_t G = db.size(0), L = db.size(1), s = db.size(2);
-  const float* dp = db.data_ptr<float>();
-  if (!local_factorized(factor)) {
-    auto dw = torch::zeros_like(bias);
-    float* out = dw.data_ptr<float>();
-    const int64_t side = bias.size(2);
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t t = 0; t < L; ++t)
-        for (int64_t d = 0; d < std::min<int64_t>(s, t + 1); ++d)
-          out[(g * side + t) * side + t - d] = dp[(g * L + t) * s + d];
-    return {dw, torch::Tensor()};
+// The bias gradient of causal_local_backward from the band's: row t's db[g * stride + d] (key t - d) written into w's
+// diagonals, or taken on to the factors u, v of w = u vᵀ.
+struct LocalBiasGrad {
+  torch::Tensor dw, du, dv;
+  const float *u = nullptr, *v = nullptr;
+  int64_t G, side = 0, r = 0, s;
+
+  LocalBiasGrad(const torch::Tensor& bias, const torch::Tensor& factor, int64_t G_, int64_t s_) : G(G_), s(s_) {
+    if (!local_factorized(factor)) {
+      dw = torch::zeros_like(bias);
+      side = bias.size(2);
+      return;
+    }
+    du = torch::zeros_like(bias);
+    dv = torch::zeros_like(factor);
+    u = bias.data_ptr<float>();
+    v = factor.data_ptr<float>();
+    r = bias.size(1);
   }
-  auto du = torch::zeros_like(bias), dv = torch::zeros_like(factor);
-  const int64_t r = bias.size(1);
-  const float *u = bias.data_ptr<float>(), *v = factor.data_ptr<float>();
-  float *dup = du.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t d = 0; d < std::min<int64_t>(s, t + 1); ++d) {
-      const float grad = dp[t * s + d];
+
+  void add_row(int64_t t, const float* db, int64_t stride) {
+    const int64_t span = std::min<int64_t>(s, t + 1);
+    if (dw.defined()) {
+      float* out = dw.data_ptr<float>();
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < span; ++d) out[(g * side + t) * side + t - d] = db[g * stride + d];
+      return;
+    }
+    float *dup = du.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+    for (int64_t d = 0; d < span; ++d) {
+      const float grad = db[d];
       for (int64_t i = 0; i < r; ++i) {
         dup[t * r + i] += grad * v[(t - d) * r + i];
         dvp[(t - d) * r + i] += grad * u[t * r + i];
       }
     }
-  return {du, dv};
-}
+  }
+};
+
+static void local_bias_grad_add_row(LocalBiasGrad* grad, int64_t t, const float* db) { grad->add_row(t, db, grad->s); }
 
 std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
                                                  torch::Tensor factor, torch::Tensor g,
@@ -1086,8 +1104,11 @@ std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor 
   const int64_t G = local_factorized(factor) ? 1 : bias.size(0);
   const int64_t slice = feature_slice(B, D), jobs = B * ((D + slice - 1) / slice);
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
-  // one band gradient per job, summed below; the workspace is a tensor so that memory profiles see it
-  auto dband = torch::zeros({bias_grad ? jobs : 0, G, L, s}, q.options());
+  LocalBiasGrad bias_grads(bias, factor, G, s);
+  // A single job hands each row's band gradient over as soon as the row is done (one row of G x s floats); several
+  // jobs (feature slices) each sum a whole band, added up below. Tensors, so that memory profiles see them.
+  const bool streamed = jobs == 1;
+  auto dband = torch::zeros({bias_grad ? jobs : 0, G, streamed ? 1 : L, s}, q.options());
   if (L > 0) {
     auto work = torch::empty({jobs, local_backward_work(slice, s)}, q.options());
     const float* gp = g.data_ptr<float>();
@@ -1098,17 +1119,18 @@ std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor 
         const LocalRows x = local_rows(q, k, v, lb, valid, G, s, slice, job);
         const int64_t offset = x.q - q.data_ptr<float>();
         local_backward(x, gp + offset, dqp + offset, dkp + offset, dvp + offset,
-                       bias_grad ? dbp + job * G * L * s : nullptr, wp + job * work.size(1));
+                       bias_grad ? dbp + job * G * L * s : nullptr, wp + job * work.size(1),
+                       bias_grad && streamed ? &bias_grads : nullptr);
       }
     });
   }
-  std::vector<torch::Tensor> grads{dq, dk, dv, torch::Tensor(), torch::Tensor()};
-  if (bias_grad) {
-    const auto bias_grads = local_bias_grads(jobs > 1 ? dband.sum(0) : dband[0], bias, factor);
-    grads[3] = bias_grads[0];
-    grads[4] = bias_grads[1];
+  if (!bias_grad) return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
+  if (!streamed) {
+    const auto band = dband.sum(0);
+    for (int64_t t = 0; t < L; ++t) bias_grads.add_row(t, band.data_ptr<float>() + t * s, L * s);
   }
-  return grads;
+  if (bias_grads.dw.defined()) return {dq, dk, dv, bias_grads.dw, torch::Tensor()};
+  return {dq, dk, dv, bias_grads.du, bias_grads.dv};
 }
 
 // AFT-full. With E = exp(w - m) (m: each row's maximum of w over the keys it sees; shared by batch and features) and
