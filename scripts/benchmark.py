@@ -162,6 +162,7 @@ def ops_candidates(T, D, device):
         "sdpa": (lambda: F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
                  .transpose(1, 2).reshape(1, T, D), [q, k, v], grad),
         "aft_full": (lambda: aft_full(q, k, v, pos_bias, causal=True), [q, k, v, pos_bias], grad),
+        "aft_full_fixed_bias": (lambda: aft_full(q, k, v, pos_bias.detach(), causal=True), [q, k, v], grad),
         "aft_local": (lambda: aft_local(q, k, v, pos_bias, OPS_LOCAL_WINDOW, causal=True),
                       [q, k, v, pos_bias], grad),
         # the same op without a gradient for the (T, T) bias: what the dense T x T gradient costs
@@ -198,13 +199,15 @@ def _ops_estimate(results, name, T, key):
     if not done:
         return 0.0
     t_prev, ms = max(done)
-    power = 2 if name in OPS_QUADRATIC else 1
+    power = 2 if name.startswith(OPS_QUADRATIC) else 1
     return ms / 1e3 * (T / t_prev) ** power
 
 
 def _ops_bias_gib(name, T):
-    """The (T, T) bias, its gradient and (full) a few blocks: what aft_full / aft_local hold at once."""
-    return 2 * 4 * T * T / 2**30 if name in ("aft_full", "aft_local") else 0.0
+    """The (T, T) bias and, when learned, its gradient: what aft_full / aft_local hold at once."""
+    if name.endswith("_factorized") or not name.startswith(("aft_full", "aft_local")):
+        return 0.0
+    return (1 if name.endswith("_fixed_bias") else 2) * 4 * T * T / 2**30
 
 
 def run_ops(args):
@@ -301,14 +304,18 @@ def ops_targets(results, seq_lens):
     T4 = 4096 if 4096 in seq_lens else max(seq_lens)
     a, s = r("aft_full", T4, "fwd_bwd_ms"), r("sdpa", T4, "fwd_bwd_ms")
     ok = None if a is None or s is None else a <= s
-    out.append((f"aft_full causal fwd+bwd no slower than SDPA at T={T4}", ok,
-                "not measured" if ok is None else f"{a:.0f} ms vs {s:.0f} ms ({s / a:.2f}x)"))
+    detail = "not measured" if ok is None else f"{a:.0f} ms vs {s:.0f} ms ({s / a:.2f}x)"
+    fixed = r("aft_full_fixed_bias", T4, "fwd_bwd_ms")
+    if fixed and s:
+        detail += f"; without the (T, T) bias gradient {fixed:.0f} ms ({s / fixed:.2f}x)"
+    out.append((f"aft_full causal fwd+bwd no slower than SDPA at T={T4}", ok, detail))
     a, p = r("aft_simple", T, "fwd_ms"), r("bandwidth_probe", T, "fwd_ms")
     ok = None if a is None or p is None else a <= 3 * p
     out.append((f"aft_simple forward within 3x of the bandwidth probe at T={T}", ok,
                 "not measured" if ok is None else f"{a / p:.1f}x ({a:.1f} ms vs {p:.1f} ms)"))
     for kind, label in (("mem_fwd_mb", "forward"), ("mem_fwd_bwd_mb", "fwd+bwd")):
-        for n in ("aft_full", "aft_local", "aft_local_factorized", "aft_simple", "aft_conv1d"):
+        for n in ("aft_full", "aft_full_fixed_bias", "aft_local", "aft_local_fixed_bias", "aft_local_factorized",
+                  "aft_simple", "aft_conv1d"):
             out.append(_memory_target(f"{n} peak memory ({label}) <= SDPA's",
                                       [(t, r(n, t, kind), r("sdpa", t, kind), "") for t in seq_lens]))
     for n in ("aft_full", "aft_local", "aft_local_factorized"):  # what a learned bias costs, taken out
@@ -326,24 +333,30 @@ Notes (what limits each number, and what would change it):
 - aft_full / aft_local take a dense (T, T) pos_bias, so their backward hands back a dense (T, T)
   gradient: 4 T^2 bytes (256 MiB at T=8192) zero-filled and written every step, more than SDPA's
   whole fwd+bwd peak. No implementation of these calls can hold less than that; the target is
-  therefore also checked with the bias gradient taken out (the last column). The
-  `aft_local_fixed_bias` row is the same call without that gradient. The `aft_local_factorized` row
-  passes the factors (u, v) of w = u vᵀ (rank 128), as AFTForCausalLM does: neither the bias nor its
-  gradient is T x T, but the u, v gradients (2 x T x 128 floats, 8 MiB at T=8192) are outputs too.
+  therefore also checked with the bias gradient taken out (the last column), and the
+  `aft_full_fixed_bias` / `aft_local_fixed_bias` rows are the same calls without that gradient. The
+  `aft_local_factorized` row passes the factors (u, v) of w = u vᵀ (rank 128), as AFTForCausalLM
+  does: neither the bias nor its gradient is T x T, but the u, v gradients (2 x T x 128 floats,
+  8 MiB at T=8192) are outputs too.
 - aft_local (all three rows): the fused kernel reads row t's window of biases straight from the
   dense bias (w[g, t, t - d], d < window) or computes it from u and v (one 128-long dot product per
   key), so no (T, window) band exists; the forward holds the output and a ring of window + 1 rows of
   per-feature state. The backward replays the forward 32 rows at a time from checkpoints of the running
   state that it keeps in the rows of dq it has not written yet, and holds dq, dk, dv, two chunk-sized
-  buffers (0.5 MiB at D=512) and, when the bias is learned, the band's gradient
-  (T x window floats) before it is written into the dense or factor gradients.
-- aft_full keeps den (T, D) beside its output for the backward (one E @ X product fewer than
-  recomputing it: that product is a sixth of fwd+bwd's matrix work, about the margin by which aft_full
-  beats SDPA at T=4096), and works on 512 x 512 tiles of E and 512 x 2D tiles of [P V, P] (~7 MiB), which is its
-  forward overhead over SDPA. A per-feature normaliser is inherent to AFT (its softmax runs over keys
-  separately for every feature; SDPA's over keys per head, so SDPA keeps T x heads floats, not T x D).
-  Holding less would take a fused tiled kernel with small register tiles, as flash attention does;
-  the tiles here are matrix products in PyTorch, whose per-call overhead sets their size.
+  buffers (0.5 MiB at D=512) and, when the bias is learned, one row of the band's gradient, handed to
+  the dense or factor gradient as soon as the row is done (when rows are split into feature slices
+  for idle threads, each slice sums a whole T x window band instead).
+- aft_full (fused kernel, both directions): num = E @ (P V) and den = E @ P with E = exp(w - row
+  max), built per tile of rows x keys x features together with [P V, P] and multiplied by the BLAS
+  that torch links; num accumulates in the output itself. The forward holds y plus its tiles (at
+  most 448 KiB, and an eighth of one (T, D) activation). For a backward it keeps den (T, D: AFT's
+  softmax normalises every feature separately, where SDPA's logsumexp is T x heads), and the
+  backward turns den's buffer into g / den and then into dq: a training step holds y, den = dq,
+  dk, dv and tiles of at most 768 KiB, which is SDPA's y, dq, dk, dv and scratch. Its time is the
+  three T^2 D products of any AFT-full (one forward, two backward) on L2-sized tiles, plus
+  rebuilding E and [P V, P] for every tile (exps, and reads of q, k, v, y, g per tile: ~30 % of
+  the backward at 256-row tiles). The eager PyTorch path (float64, other devices) kept den beside
+  dq and used 512 x 512 tiles: ~7 MiB over SDPA forward, ~29 MiB over it fwd+bwd at T=8192.
 - aft_simple / aft_conv1d: on the CPU both directions run the fused kernels of aft_kernels.py. The
   forward holds the output plus O(D) (AFT-conv: O(s + D/h) per head) floats of state; the backward
   saves only the inputs, reruns the forward scan and overwrites the gradient buffers on a reverse
@@ -368,8 +381,8 @@ Notes (what limits each number, and what would change it):
 
 def ops_report(results, skipped, args):
     seq_lens = sorted({T for (_, T) in results})
-    names = ["sdpa", "aft_full", "aft_local", "aft_local_fixed_bias", "aft_local_factorized", "aft_simple",
-             "aft_conv1d", "bandwidth_probe"]
+    names = ["sdpa", "aft_full", "aft_full_fixed_bias", "aft_local", "aft_local_fixed_bias", "aft_local_factorized",
+             "aft_simple", "aft_conv1d", "bandwidth_probe"]
     rows = []
     for T in seq_lens:
         s = results.get(("sdpa", T), {})

@@ -31,7 +31,8 @@ def test_ops_benchmark_tiny(tmp_path):
     args = parser.parse_args(["--seq-lens", "32", "48", "--dim", "16", "--repeat", "1", "--threads", "1",
                               "--out", str(out)])
     results = ops_bench.run_ops(args)
-    for name in ("sdpa", "aft_full", "aft_local", "aft_local_factorized", "aft_simple", "aft_conv1d"):
+    for name in ("sdpa", "aft_full", "aft_full_fixed_bias", "aft_local", "aft_local_factorized", "aft_simple",
+                 "aft_conv1d"):
         assert results[(name, 48)]["fwd_bwd_ms"] > 0 and results[(name, 48)]["mem_fwd_bwd_mb"] > 0
     text = out.read_text()
     assert "## Targets" in text and "CPU time of the one torch thread" in text and "| 48 | aft_simple |" in text
