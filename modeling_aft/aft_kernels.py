@@ -1060,7 +1060,9 @@ struct LocalBiasGrad {
   const float *u = nullptr, *v = nullptr;
   int64_t G, side = 0, r = 0, s;
 
-  LocalBiasGrad(const torch::Tensor& bias, const torch::Tensor& factor, int64_t G_, int64_t s_) : G(G_), s(s_) {
+  LocalBiasGrad(const torch::Tensor& bias, const torch::Tensor& factor, int64_t G_, int64_t s_, bool wanted)
+      : G(G_), s(s_) {
+    if (!wanted) return;  // a frozen bias: no gradient buffers at all
     if (!local_factorized(factor)) {
       dw = torch::zeros_like(bias);
       side = bias.size(2);
@@ -1104,7 +1106,7 @@ std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor 
   const int64_t G = local_factorized(factor) ? 1 : bias.size(0);
   const int64_t slice = feature_slice(B, D), jobs = B * ((D + slice - 1) / slice);
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
-  LocalBiasGrad bias_grads(bias, factor, G, s);
+  LocalBiasGrad bias_grads(bias, factor, G, s, bias_grad);
   // A single job hands each row's band gradient over as soon as the row is done (one row of G x s floats); several
   // jobs (feature slices) each sum a whole band, added up below. Tensors, so that memory profiles see them.
   const bool streamed = jobs == 1;

@@ -574,3 +574,21 @@ def test_fused_full_without_the_blas_symbol(kernel, small_full_tiles):
         kernel.full_use_blas_symbol(True)
     for a, b in zip([with_blas[0], *with_blas[1]], [with_aten[0], *with_aten[1]]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_local_frozen_bias_allocates_no_bias_gradient(kernel):
+    """A training step with a frozen dense (T, T) bias holds q, k, v's gradients and kernel scratch, nothing of T x T
+    (a buffer of the bias's size would show up here: T x T = 32x the activations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, D = 1, 512, 16
+    q, k, v = (x.requires_grad_() for x in _inputs(B, T, D, seed=30))
+    pos_bias = _bias(T, seed=30)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        aft_ops.aft_local(q, k, v, pos_bias, 8, causal=True).backward(torch.ones(B, T, D))
+    current = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    assert peak < 4 * T * T
