@@ -1053,8 +1053,8 @@ torch::Tensor causal_local_forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return y;
 }
 
-// The bias gradient of causal_local_backward from the band's: row t's db[g * stride + d] (key t - d) written into w's
-// diagonals, or taken on to the factors u, v of w = u vᵀ.
+// The bias gradient of causal_local_backward from the band's: row t's db[g * stride + d] (key t - d) added into w's
+// diagonals, or taken on to the factors u, v of w = u vᵀ (passes over parts of the features add their parts).
 struct LocalBiasGrad {
   torch::Tensor dw, du, dv;
   const float *u = nullptr, *v = nullptr;
@@ -1080,7 +1080,7 @@ struct LocalBiasGrad {
     if (dw.defined()) {
       float* out = dw.data_ptr<float>();
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < span; ++d) out[(g * side + t) * side + t - d] = db[g * stride + d];
+        for (int64_t d = 0; d < span; ++d) out[(g * side + t) * side + t - d] += db[g * stride + d];
       return;
     }
     float *dup = du.data_ptr<float>(), *dvp = dv.data_ptr<float>();
@@ -1096,6 +1096,16 @@ struct LocalBiasGrad {
 
 static void local_bias_grad_add_row(LocalBiasGrad* grad, int64_t t, const float* db) { grad->add_row(t, db, grad->s); }
 
+// Features per pass of a job's backward: its whole slice, unless that workspace would exceed an eighth of one (B, L, D)
+// activation (short sequences: at L=512, D=512 whole rows take 512 KiB, half of q); then the widest multiple of 16
+// that fits (reading part of every row is slower per element, so only then).
+static int64_t local_pass_width(int64_t slice, int64_t s, int64_t budget_floats) {
+  if (local_backward_work(slice, s) <= budget_floats || slice <= 16) return slice;
+  int64_t width = slice / 16 * 16;
+  while (width > 16 && local_backward_work(width, s) > budget_floats) width -= 16;
+  return width;
+}
+
 std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bias,
                                                  torch::Tensor factor, torch::Tensor g,
                                                  c10::optional<torch::Tensor> valid, int64_t window, bool bias_grad) {
@@ -1105,24 +1115,31 @@ std::vector<torch::Tensor> causal_local_backward(torch::Tensor q, torch::Tensor 
   const LocalBias lb = local_bias(bias, factor, L);
   const int64_t G = local_factorized(factor) ? 1 : bias.size(0);
   const int64_t slice = feature_slice(B, D), jobs = B * ((D + slice - 1) / slice);
+  const int64_t pass = local_pass_width(slice, s, B * L * D / 8), threads = at::get_num_threads();
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
   LocalBiasGrad bias_grads(bias, factor, G, s, bias_grad);
-  // A single job hands each row's band gradient over as soon as the row is done (one row of G x s floats); several
-  // jobs (feature slices) each sum a whole band, added up below. Tensors, so that memory profiles see them.
-  const bool streamed = jobs == 1;
-  auto dband = torch::zeros({bias_grad ? jobs : 0, G, streamed ? 1 : L, s}, q.options());
+  // Jobs that run one after another hand each row's band gradient over as soon as the row is done (one row of G x s
+  // floats); jobs on several threads each sum a whole band, added up below. Tensors, so that memory profiles see them.
+  const bool streamed = jobs == 1 || threads == 1;
+  auto dband = torch::zeros({bias_grad ? (streamed ? 1 : jobs) : 0, G, streamed ? 1 : L, s}, q.options());
   if (L > 0) {
-    auto work = torch::empty({jobs, local_backward_work(slice, s)}, q.options());
+    auto work = torch::empty({std::min(jobs, threads), local_backward_work(pass, s)}, q.options());
     const float* gp = g.data_ptr<float>();
     float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
     float *dbp = dband.data_ptr<float>(), *wp = work.data_ptr<float>();
     at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
+      float* job_work = wp + (at::get_thread_num() % work.size(0)) * work.size(1);
       for (int64_t job = lo; job < hi; ++job) {
-        const LocalRows x = local_rows(q, k, v, lb, valid, G, s, slice, job);
-        const int64_t offset = x.q - q.data_ptr<float>();
-        local_backward(x, gp + offset, dqp + offset, dkp + offset, dvp + offset,
-                       bias_grad ? dbp + job * G * L * s : nullptr, wp + job * work.size(1),
-                       bias_grad && streamed ? &bias_grads : nullptr);
+        const LocalRows rows = local_rows(q, k, v, lb, valid, G, s, slice, job);
+        for (int64_t p0 = 0; p0 < rows.n; p0 += pass) {
+          LocalRows x = rows;
+          x.q += p0; x.k += p0; x.v += p0; x.j0 += p0;
+          x.n = std::min(pass, rows.n - p0);
+          const int64_t offset = x.q - q.data_ptr<float>();
+          float* band = !bias_grad ? nullptr : streamed ? dbp : dbp + job * G * L * s;
+          local_backward(x, gp + offset, dqp + offset, dkp + offset, dvp + offset, band, job_work,
+                         bias_grad && streamed ? &bias_grads : nullptr);
+        }
       }
     });
   }
