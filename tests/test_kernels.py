@@ -261,6 +261,18 @@ def test_conv1d_training_runs_fused_and_non_causal_stays_eager(spy):
     assert (spy.conv_calls, spy.conv_backward_calls) == (1, 1)
 
 
+def _on_one_thread_and_on(threads, fn, tensors, cotangent):
+    """_forward_and_grads of fn with 1 torch thread, then with `threads`."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _forward_and_grads(fn, tensors, cotangent)
+        torch.set_num_threads(threads)
+        return one, _forward_and_grads(fn, tensors, cotangent)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("op", ["simple", "conv", "local"])
 @pytest.mark.parametrize("threads", [3, 8])
 def test_fused_row_splits_agree_bitwise(spy, op, threads):
@@ -282,14 +294,7 @@ def test_fused_row_splits_agree_bitwise(spy, op, threads):
         fused = lambda q, k, v, w: aft_ops.aft_local(q, k, v, w, 8, causal=True, key_mask=key_mask)
         reference = lambda q, k, v, w: ref.ref_aft_local(q, k, v, w, 8, causal=True, key_mask=key_mask)
     cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(12))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        whole_rows = _forward_and_grads(fused, tensors, cotangent)
-        torch.set_num_threads(threads)
-        split = _forward_and_grads(fused, tensors, cotangent)
-    finally:
-        torch.set_num_threads(before)
+    whole_rows, split = _on_one_thread_and_on(threads, fused, tensors, cotangent)
     assert getattr(spy, {"simple": "backward_calls", "conv": "conv_backward_calls",
                          "local": "local_backward_calls"}[op]) == 2
     outputs_and_grads = zip([whole_rows[0], *whole_rows[1]], [split[0], *split[1]])
@@ -512,14 +517,7 @@ def test_fused_full_threads_agree(spy, small_full_tiles, threads):
     key_mask[1, :7] = 0
     full = lambda q, k, v, w: aft_ops.aft_full(q, k, v, w, causal=True, key_mask=key_mask)
     cotangent = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(26))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _forward_and_grads(full, tensors, cotangent)
-        torch.set_num_threads(threads)
-        many = _forward_and_grads(full, tensors, cotangent)
-    finally:
-        torch.set_num_threads(before)
+    one, many = _on_one_thread_and_on(threads, full, tensors, cotangent)
     assert spy.full_backward_calls == 2
     for a, b in zip([one[0], *one[1]], [many[0], *many[1]]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
