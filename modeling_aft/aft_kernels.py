@@ -1614,11 +1614,12 @@ def fused_full(q, k, v, pos_bias, causal, key_mask=None):
 
     q (B, Lq, D), k and v (B, Lk, D), Lq <= Lk: query i sits at position Lk - Lq + i and reads row Lk - Lq + i of
     pos_bias (G, T', T') (T' >= Lk, G dividing D). Returns (y, flags): flags (B, Lq) marks the rows whose den fell
-    below 1e-20, for aft_ops' exact path. Differentiable in q, k, v and pos_bias."""
-    module = _module_for(q, k, v, pos_bias)
-    if module is None:
+    below 1e-20, for aft_ops' exact path. Differentiable in q, k, v and pos_bias; a 16-bit pos_bias (autocast) is read
+    as a float32 copy."""
+    module = _module_for(q, k, v)
+    if module is None or pos_bias.device.type != "cpu":
         return None
-    q, k, v, w = (x.contiguous() for x in (q, k, v, pos_bias))
+    q, k, v, w = (x.contiguous() for x in (q, k, v, pos_bias.float()))
     valid = _valid_keys(key_mask, q.device)
     B, Lk, D = k.shape
     training = _needs_grad(q, k, v, w)

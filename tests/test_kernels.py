@@ -590,3 +590,20 @@ def test_fused_local_frozen_bias_allocates_no_bias_gradient(kernel):
         current += event.nbytes()
         peak = max(peak, current)
     assert peak < 4 * T * T
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_fused_full_under_autocast(spy, small_full_tiles, dtype, atol):
+    """16-bit inputs under autocast run the float32 kernel: finite, close to the reference, returned in 16 bits."""
+    q, k, v = (x.to(dtype).requires_grad_() for x in _inputs(2, 9, 6, seed=31))
+    k.data += 30.0  # exp(K) alone would overflow float16
+    pos_bias = _bias(9, seed=31).to(dtype).requires_grad_()
+    key_mask = torch.ones(2, 9)
+    key_mask[0, :3] = 0
+    with torch.autocast("cpu", dtype=dtype):
+        y = aft_ops.aft_full(q, k, v, pos_bias, causal=True, key_mask=key_mask)
+        y.float().sum().backward()
+    assert (spy.full_calls, spy.full_backward_calls) == (1, 1) and y.dtype == dtype
+    assert all(torch.isfinite(x.grad.float()).all() for x in (q, k, v, pos_bias))
+    expected = ref.ref_aft_full(q.double(), k.double(), v.double(), pos_bias.double(), causal=True, key_mask=key_mask)
+    torch.testing.assert_close(y.double(), expected, atol=atol, rtol=atol)
