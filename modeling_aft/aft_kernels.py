@@ -1200,7 +1200,6 @@ struct FullProblem {
   int64_t row_blocks() const { return (Lq + RB - 1) / RB; }
   int64_t seen(int64_t i1) const { return causal ? std::min(Lk, off + i1) : Lk; }  // keys [0, seen) meet rows < i1
   const float* bias_row(int64_t g, int64_t i) const { return w + (g * side + off + i) * side; }
-  bool visible(int64_t i, int64_t j) const { return !causal || j <= off + i; }
 
   // m: the maximum of w over the keys each row sees; S: the running maximum of the valid keys, per row block.
   void prepare(const at::TensorOptions& options) {
@@ -1314,10 +1313,10 @@ std::vector<torch::Tensor> full_forward(torch::Tensor q, torch::Tensor k, torch:
   uint8_t* fp = flags.data_ptr<uint8_t>();
   at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
     float* E = wp + at::get_thread_num() * work.size(1);
+    float* X = E + RB * KB;
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t g = job / p.row_blocks(), r = job % p.row_blocks();
       const int64_t i0 = r * RB, n = std::min(RB, Lq - i0), e = p.seen(i0 + n);
-      float* X = E + RB * KB;
       // den of (b, row i, feature f of the group) at dbase + (b * Lq + i) * dld + f: in den itself, or a tile
       float* dbase = keep ? dp + g * Dv : X + KB * 2 * FCc;
       const int64_t dld = keep ? D : Dv, dbatch = keep ? Lq * D : RB * Dv, drow0 = keep ? i0 : 0;

@@ -721,7 +721,8 @@ def _full_setup(q, k, v, w, off, causal):
     return B, Lq, Lk, D, G, Dv, B * 2 * Dv, kg, vg, _FullBias(w, off, causal, q.dtype)
 
 class _FullScan(torch.autograd.Function):
-    """AFT-full fast path, blocked over (row block, key block) tiles so no T x T intermediate exists.
+    """AFT-full's eager path (float64, devices other than the CPU; CPU float32 calls take aft_kernels' fused kernel),
+    blocked over (row block, key block) tiles so no T x T intermediate exists.
 
     Row blocks take their own K shift (the max over the keys they see, a running max when causal).
     With a backward ahead, den (B, Lq, D) is kept beside the output y = sigmoid(q) num / den, so the
