@@ -911,10 +911,54 @@ static int64_t local_backward_work(int64_t n, int64_t s) {
   const int64_t C = local_chunk(s);
   return C * kLocalFields * n + ring_floats(C + s, n);
 }
+
+// The bias of causal_local_*: with factor an empty 1-d placeholder, bias is the dense (G, T', T') w; else
+// w = bias factorᵀ, both (T', r).
+static bool local_factorized(const torch::Tensor& factor) { return factor.dim() == 2; }
+
+// The bias gradient of causal_local_backward from the band's: row t's db[g * stride + d] (key t - d) added into w's
+// diagonals, or taken on to the factors u, v of w = u vᵀ (passes over parts of the features add their parts).
+struct LocalBiasGrad {
+  torch::Tensor dw, du, dv;
+  const float *u = nullptr, *v = nullptr;
+  int64_t G, side = 0, r = 0, s;
+
+  LocalBiasGrad(const torch::Tensor& bias, const torch::Tensor& factor, int64_t G_, int64_t s_, bool wanted)
+      : G(G_), s(s_) {
+    if (!wanted) return;  // a frozen bias: no gradient buffers at all
+    if (!local_factorized(factor)) {
+      dw = torch::zeros_like(bias);
+      side = bias.size(2);
+      return;
+    }
+    du = torch::zeros_like(bias);
+    dv = torch::zeros_like(factor);
+    u = bias.data_ptr<float>();
+    v = factor.data_ptr<float>();
+    r = bias.size(1);
+  }
+
+  void add_row(int64_t t, const float* db, int64_t stride) {
+    const int64_t span = std::min<int64_t>(s, t + 1);
+    if (dw.defined()) {
+      float* out = dw.data_ptr<float>();
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < span; ++d) out[(g * side + t) * side + t - d] += db[g * stride + d];
+      return;
+    }
+    float *dup = du.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+    for (int64_t d = 0; d < span; ++d) {
+      const float grad = db[d];
+      for (int64_t i = 0; i < r; ++i) {
+        dup[t * r + i] += grad * v[(t - d) * r + i];
+        dvp[(t - d) * r + i] += grad * u[t * r + i];
+      }
+    }
+  }
+};
+
 // dband: (G, L, s) of this job, or nullptr when the bias needs no gradient; with `stream`, (G, 1, s): each row's band
 // gradient goes to stream once the row is done.
-struct LocalBiasGrad;
-static void local_bias_grad_add_row(LocalBiasGrad* grad, int64_t t, const float* db);  // after LocalBiasGrad
 static void local_backward(const LocalRows& x, const float* g, float* dq, float* dk, float* dv, float* dband,
                            float* work, LocalBiasGrad* stream) {
   const int64_t L = x.L, D = x.D, n = x.n, s = x.s;
@@ -994,22 +1038,20 @@ static void local_backward(const LocalRows& x, const float* g, float* dq, float*
           }
         }
         if (!seen) continue;
-        float* db = dband == nullptr ? unused_dband.data() : dband + (gi * (stream ? 1 : L) + (stream ? 0 : t)) * s;
+        float* db = dband == nullptr ? unused_dband.data() : stream ? dband + gi * s : dband + (gi * L + t) * s;
         local_span_grad(x, ring, t, span, bw, a, r, flag, dk, dv, db, db_lanes.data(), lo, hi);
         for (int64_t j = lo; j < hi; ++j)
           if (flag[j] > 0.f) local_exact_grad(x, t, span, b, j, S[j], a[j], r[j], dk, dv, db);
       }
       if (stream != nullptr) {
-        local_bias_grad_add_row(stream, t, dband);
+        stream->add_row(t, dband, s);
         std::fill(dband, dband + (x.last_group() + 1) * s, 0.f);  // one job: every group
       }
     }
   }
 }
 
-// The bias of causal_local_*: with factor an empty 1-d placeholder, bias is the dense (G, T', T') w; else
-// w = bias factorᵀ, both (T', r).
-static bool local_factorized(const torch::Tensor& factor) { return factor.dim() == 2; }
+// Where causal_local_* read the bias (see local_factorized).
 static LocalBias local_bias(const torch::Tensor& bias, const torch::Tensor& factor, int64_t L) {
   TORCH_CHECK(bias.is_contiguous() && factor.is_contiguous() && bias.scalar_type() == at::kFloat &&
               factor.scalar_type() == at::kFloat, "contiguous float32 bias expected");
@@ -1053,48 +1095,6 @@ torch::Tensor causal_local_forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return y;
 }
 
-// The bias gradient of causal_local_backward from the band's: row t's db[g * stride + d] (key t - d) added into w's
-// diagonals, or taken on to the factors u, v of w = u vᵀ (passes over parts of the features add their parts).
-struct LocalBiasGrad {
-  torch::Tensor dw, du, dv;
-  const float *u = nullptr, *v = nullptr;
-  int64_t G, side = 0, r = 0, s;
-
-  LocalBiasGrad(const torch::Tensor& bias, const torch::Tensor& factor, int64_t G_, int64_t s_, bool wanted)
-      : G(G_), s(s_) {
-    if (!wanted) return;  // a frozen bias: no gradient buffers at all
-    if (!local_factorized(factor)) {
-      dw = torch::zeros_like(bias);
-      side = bias.size(2);
-      return;
-    }
-    du = torch::zeros_like(bias);
-    dv = torch::zeros_like(factor);
-    u = bias.data_ptr<float>();
-    v = factor.data_ptr<float>();
-    r = bias.size(1);
-  }
-
-  void add_row(int64_t t, const float* db, int64_t stride) {
-    const int64_t span = std::min<int64_t>(s, t + 1);
-    if (dw.defined()) {
-      float* out = dw.data_ptr<float>();
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < span; ++d) out[(g * side + t) * side + t - d] += db[g * stride + d];
-      return;
-    }
-    float *dup = du.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-    for (int64_t d = 0; d < span; ++d) {
-      const float grad = db[d];
-      for (int64_t i = 0; i < r; ++i) {
-        dup[t * r + i] += grad * v[(t - d) * r + i];
-        dvp[(t - d) * r + i] += grad * u[t * r + i];
-      }
-    }
-  }
-};
-
-static void local_bias_grad_add_row(LocalBiasGrad* grad, int64_t t, const float* db) { grad->add_row(t, db, grad->s); }
 
 // Features per pass of a job's backward: its whole slice, unless that workspace would exceed an eighth of one (B, L, D)
 // activation (short sequences: at L=512, D=512 whole rows take 512 KiB, half of q); then the widest multiple of 16
@@ -1291,10 +1291,14 @@ static FullProblem full_problem(const torch::Tensor& q, const torch::Tensor& k, 
 // Floats of one thread's workspace: the forward's E, X (and, without keep, a den tile for B x RB rows); the
 // backward's E, the bias gradient's tile, X, dX and dS. (Summing dS X^T straight into the (T, T) gradient instead,
 // with its row stride of T floats, made the backward ~7 % slower at T=8192.)
+static int64_t full_forward_work(int64_t B, int64_t Dv, int64_t RB, int64_t KB, int64_t FC, bool keep) {
+  return RB * KB + KB * 2 * FC + (keep ? 0 : B * RB * Dv);
+}
+static int64_t full_backward_work(int64_t RB, int64_t KB, int64_t FC) { return 2 * RB * KB + 2 * KB * 2 * FC + RB * 2 * FC; }
 int64_t full_workspace(int64_t B, int64_t Dv, int64_t RB, int64_t KB, int64_t FC, bool keep) {
   FC = std::min(FC, Dv);
-  const int64_t forward = RB * KB + KB * 2 * FC + (keep ? 0 : B * RB * Dv);
-  return keep ? std::max(forward, 2 * RB * KB + 2 * KB * 2 * FC + RB * 2 * FC) : forward;
+  const int64_t forward = full_forward_work(B, Dv, RB, KB, FC, keep);
+  return keep ? std::max(forward, full_backward_work(RB, KB, FC)) : forward;
 }
 
 // Forward: y (B, Lq, D), den (B, Lq, D) when keep (else empty: per-job den tiles), flags (G, B, Lq) uint8.
@@ -1308,7 +1312,7 @@ std::vector<torch::Tensor> full_forward(torch::Tensor q, torch::Tensor k, torch:
   auto flags = torch::zeros({G, B, Lq}, q.options().dtype(at::kByte));
   const int64_t jobs = G * p.row_blocks();
   // one workspace per thread, a tensor so that memory profiles see it
-  auto work = torch::empty({at::get_num_threads(), RB * KB + KB * 2 * FCc + (keep ? 0 : B * RB * Dv)}, q.options());
+  auto work = torch::empty({at::get_num_threads(), full_forward_work(B, Dv, RB, KB, FCc, keep)}, q.options());
   float *yp = y.data_ptr<float>(), *dp = keep ? den.data_ptr<float>() : nullptr, *wp = work.data_ptr<float>();
   uint8_t* fp = flags.data_ptr<uint8_t>();
   at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {
@@ -1372,7 +1376,7 @@ std::vector<torch::Tensor> full_backward(torch::Tensor q, torch::Tensor k, torch
   auto dk = torch::zeros_like(k), dv = torch::zeros_like(v);
   auto dw = bias_grad ? torch::zeros_like(w) : torch::Tensor();
   const int64_t key_blocks = (Lk + KB - 1) / KB, jobs = p.G * key_blocks;
-  auto work = torch::empty({at::get_num_threads(), 2 * RB * KB + 2 * KB * 2 * FCc + RB * 2 * FCc}, q.options());
+  auto work = torch::empty({at::get_num_threads(), full_backward_work(RB, KB, FCc)}, q.options());
   float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *wp = work.data_ptr<float>();
   float* dwp = bias_grad ? dw.data_ptr<float>() : nullptr;
   at::parallel_for(0, jobs, 1, [&](int64_t lo, int64_t hi) {

@@ -73,11 +73,16 @@ def _safe_shift(m):
     return torch.nan_to_num(m, neginf=0.0)
 
 
+def _valid_keys(key_mask):
+    """(B, T) bool: which keys are real, or None for no mask."""
+    return None if key_mask is None else key_mask.to(torch.bool)
+
+
 def _masked_keys(k, key_mask):
     """Masked keys become -inf so that they drop out of every max and every exp exactly."""
-    if key_mask is None:
+    valid = _valid_keys(key_mask)
+    if valid is None:
         return k, None
-    valid = key_mask.to(torch.bool)
     return torch.where(valid.unsqueeze(-1), k, torch.full_like(k, -math.inf)), valid
 
 
@@ -832,11 +837,11 @@ def aft_full(q, k, v, pos_bias, *, causal=False, key_mask=None):
     dt = _compute_dtype(q, k, v, pos_bias)
     with _no_autocast(q.device.type):
         qf, kf, vf = _up(q, dt), _up(k, dt), _up(v, dt)
-        km, valid = _masked_keys(kf, key_mask)
-        fused = fused_full(qf, kf, vf, wh, causal, key_mask)
+        fused = fused_full(qf, kf, vf, wh, causal, key_mask)  # reads the mask itself: no -inf copy of k
         if fused is not None:
-            y, flags = fused
+            (y, flags), valid = fused, _valid_keys(key_mask)
         else:
+            km, valid = _masked_keys(kf, key_mask)
             keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, pos_bias))
             # the bias goes in whole (blocks are cast on the fly): its gradient is then one T' x T' buffer
             y, flags = _FullScan.apply(qf, km, vf, wh, off, causal, FULL_BLOCK_SIZE, keep)

@@ -1,6 +1,9 @@
 """The fused CPU kernels for causal AFT-simple, AFT-conv and AFT-local and for AFT-full (modeling_aft/aft_kernels.py),
 forward and backward, vs the float64 references and the eager paths, and when the operators use them."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -414,6 +417,16 @@ def test_fused_local_long_sequence_matches_reference(spy, window):
     _assert_fused_training_matches(spy, [q, k, v, pos_bias], key_mask, atol=1e-5, rtol=1e-4, window=window)
 
 
+def _peak_bytes(fn):
+    """Peak bytes allocated and not yet freed while fn() runs: scripts/benchmark.py's peak_memory_mb (profiler
+    allocation events), which the ops benchmark reports."""
+    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark.peak_memory_mb(fn) * 2**20
+
+
 @pytest.fixture
 def small_full_tiles(monkeypatch):
     """AFT-full tiles of 2 rows x 3 keys x 4 features: 7 positions and 6 features already cross several of each."""
@@ -526,21 +539,13 @@ def test_fused_full_threads_agree(spy, small_full_tiles, threads):
 def test_fused_full_holds_four_activations_and_its_tiles(kernel):
     """A training step of the fused AFT-full holds y, den (which becomes dq), dk, dv, the bias gradient and its tiles,
     as SDPA holds y, dq, dk, dv: measured from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
     B, T, D = 1, 512, 64
     q, k, v = (x.requires_grad_() for x in _inputs(B, T, D, seed=27))
     pos_bias = _bias(T, seed=27).requires_grad_()
     cotangent = torch.randn(B, T, D)
     module = aft_kernels._load()
     tile = aft_kernels._full_tile(module, B, T, D, 1, training=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        aft_ops.aft_full(q, k, v, pos_bias, causal=True).backward(cotangent)
-    current = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
+    peak = _peak_bytes(lambda: aft_ops.aft_full(q, k, v, pos_bias, causal=True).backward(cotangent))
     activation, bias_grad = 4 * B * T * D, 4 * T * T
     tiles = 4 * module.full_workspace(B, D, *tile, True) * torch.get_num_threads()
     row_state = 4 * (T + (T // tile[0] + 1) * B * D) + 64 * 1024  # row maxima, shifts, flags and small tensors
@@ -577,18 +582,10 @@ def test_fused_full_without_the_blas_symbol(kernel, small_full_tiles):
 def test_fused_local_frozen_bias_allocates_no_bias_gradient(kernel):
     """A training step with a frozen dense (T, T) bias holds q, k, v's gradients and kernel scratch, nothing of T x T
     (a buffer of the bias's size would show up here: T x T = 32x the activations)."""
-    from torch.profiler import ProfilerActivity, profile
-
     B, T, D = 1, 512, 16
     q, k, v = (x.requires_grad_() for x in _inputs(B, T, D, seed=30))
     pos_bias = _bias(T, seed=30)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        aft_ops.aft_local(q, k, v, pos_bias, 8, causal=True).backward(torch.ones(B, T, D))
-    current = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
+    peak = _peak_bytes(lambda: aft_ops.aft_local(q, k, v, pos_bias, 8, causal=True).backward(torch.ones(B, T, D)))
     assert peak < 4 * T * T
 
 
